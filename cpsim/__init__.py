@@ -1,0 +1,53 @@
+"""cpsim: a simulation-first framework for LLM-serving control planes."""
+
+from cpsim.core import Abort, Admission, ControlPlane, ControlPlaneConfig, Dispatch
+from cpsim.latency import LatencyEstimate, LatencyModel, ObservedLatencyModel, StepBatch
+from cpsim.metrics import MetricsCollector
+from cpsim.models import ModelSpec, load_model_spec
+from cpsim.protocols import PDPolicy, Placement, Router, SchedulingPolicy
+from cpsim.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    ParallelismType,
+    PDSeparationConfig,
+    PerformanceMetrics,
+    PrefillingConfig,
+    RequestMetadata,
+    RequestPriority,
+    RequestStatus,
+)
+from cpsim.views import InstanceSnapshot, InstanceView, Phase, RequestView
+
+__all__ = [
+    "Abort",
+    "Admission",
+    "ControlPlane",
+    "ControlPlaneConfig",
+    "DecodingConfig",
+    "Dispatch",
+    "ExecutionInstance",
+    "ExecutionInstanceType",
+    "InstanceSnapshot",
+    "InstanceView",
+    "LatencyEstimate",
+    "LatencyModel",
+    "MetricsCollector",
+    "ModelSpec",
+    "ObservedLatencyModel",
+    "PDPolicy",
+    "PDSeparationConfig",
+    "ParallelismType",
+    "PerformanceMetrics",
+    "Phase",
+    "Placement",
+    "PrefillingConfig",
+    "RequestMetadata",
+    "RequestPriority",
+    "RequestStatus",
+    "RequestView",
+    "Router",
+    "SchedulingPolicy",
+    "StepBatch",
+    "load_model_spec",
+]

@@ -1,0 +1,479 @@
+"""The sans-I/O control plane: told what happened, it answers what to do. It never sleeps or awaits.
+
+Drivers (the SimPy simulation, the asyncio manager) own the clock and the I/O; they pass
+``now`` (seconds) into every call and carry out the ``Dispatch``/``Abort`` actions returned.
+Every accepted request ends in exactly one terminal state; events about a request that is
+already terminal (a late token after a cancel, say) are ignored.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from cpsim.instances import InstanceState
+from cpsim.metrics import MetricsCollector
+from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.requests import RequestState
+from cpsim.types import (
+    ExecutionInstance,
+    ExecutionInstanceType,
+    RequestMetadata,
+    RequestStatus,
+)
+from cpsim.validation import check_choice, check_non_negative, check_positive
+from cpsim.views import InstanceSnapshot, InstanceView, Phase, RequestView
+
+FailureAction = Literal["requeue", "fail"]
+FAILURE_ACTIONS = ("requeue", "fail")
+
+_PHASE_TYPES: dict[Phase, tuple[ExecutionInstanceType, ...]] = {
+    Phase.FULL: (ExecutionInstanceType.GENERAL, ExecutionInstanceType.DECODING),
+    Phase.PREFILL: (ExecutionInstanceType.PREFILLING,),
+    Phase.DECODE: (ExecutionInstanceType.DECODING, ExecutionInstanceType.GENERAL),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneConfig:
+    """Core settings. ``on_instance_failure``: what happens to a request whose instance
+    fails before it produced a token ("requeue" up to ``max_attempts`` dispatches, or
+    "fail"); a request that already streamed tokens always fails, as its tokens cannot be
+    taken back. ``queue_timeout_s``: a request queued longer fails (None: never)."""
+
+    max_queue_len: int | None = None
+    on_instance_failure: FailureAction = "requeue"
+    max_attempts: int = 3
+    queue_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_queue_len is not None:
+            check_non_negative("max_queue_len", self.max_queue_len, integer=True)
+        check_choice("on_instance_failure", self.on_instance_failure, FAILURE_ACTIONS)
+        check_positive("max_attempts", self.max_attempts, integer=True)
+        if self.queue_timeout_s is not None:
+            check_positive("queue_timeout_s", self.queue_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Run ``phase`` of a request on ``instance_id``; for DECODE the KV cache is on
+    ``source_instance_id`` and the backend moves it (the PD hand-off)."""
+
+    request: RequestMetadata
+    instance_id: str
+    phase: Phase
+    source_instance_id: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Stop a request on an instance (after a cancel); the backend reports nothing more."""
+
+    request_id: str
+    instance_id: str
+
+
+class ControlPlane:
+    """Global queue, request lifecycle, scheduling policy, router, PD split and metrics."""
+
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        router: Router,
+        pd_policy: PDPolicy | None = None,
+        config: ControlPlaneConfig | None = None,
+        metrics: MetricsCollector | None = None,
+    ) -> None:
+        self.policy = policy
+        self.router = router
+        self.pd_policy = pd_policy
+        self.config = config or ControlPlaneConfig()
+        self.metrics = metrics or MetricsCollector()
+        self._requests: dict[str, RequestState] = {}
+        self._queue: list[RequestState] = []  # kept in arrival order (seq)
+        self._handoffs: list[RequestState] = []  # prefilled, waiting for a decode instance
+        self._instances: dict[str, InstanceState] = {}
+        self._seq = 0
+
+    # ------------------------------------------------------------------ instances
+    def add_instance(self, instance: ExecutionInstance, now: float) -> None:
+        if instance.instance_id in self._instances:
+            raise ValueError(f"instance_id={instance.instance_id!r} is already registered")
+        self._instances[instance.instance_id] = InstanceState(instance, now)
+        self.metrics.on_instance_added(instance, now)
+
+    def remove_instance(self, instance_id: str, now: float, reason: str = "removed") -> list[str]:
+        """Unregister; requests on it are requeued or failed. Returns their ids."""
+        inst = self._instance(instance_id)
+        affected = self._evict(inst, now, f"instance {instance_id} {reason}")
+        del self._instances[instance_id]
+        self.metrics.on_instance_removed(instance_id, now)
+        return affected
+
+    def on_instance_failure(self, instance_id: str, now: float, reason: str) -> list[str]:
+        """The instance crashed: mark it unhealthy; requests on it are requeued or failed."""
+        inst = self._instance(instance_id)
+        inst.set_health(False)
+        return self._evict(inst, now, f"instance {instance_id} failed: {reason}")
+
+    def on_instance_update(self, snapshot: InstanceSnapshot, now: float) -> None:
+        inst = self._instances.get(snapshot.instance_id)
+        if inst is not None:
+            inst.apply(snapshot, now)
+            self.metrics.on_snapshot(snapshot, inst.instance, now)
+
+    def set_instance_health(self, instance_id: str, healthy: bool) -> None:
+        self._instance(instance_id).set_health(healthy)
+
+    def instance_views(self) -> list[InstanceView]:
+        return [inst.view() for inst in self._instances.values()]
+
+    def instances(self) -> list[ExecutionInstance]:
+        return [inst.instance for inst in self._instances.values()]
+
+    def instance_state(self, instance_id: str) -> InstanceState:
+        return self._instance(instance_id)
+
+    # ------------------------------------------------------------------ requests
+    def on_arrival(self, meta: RequestMetadata, now: float) -> Admission:
+        rid = meta.request_id
+        if rid in self._requests:
+            raise ValueError(f"request_id={rid!r} is already active; request ids must be unique")
+        self._seq += 1
+        req = RequestState(RequestView.of(meta, now, self._seq))
+        limit = self.config.max_queue_len
+        if limit is not None and len(self._queue) >= limit:
+            reason = f"queue full: {len(self._queue)} queued, max_queue_len={limit}"
+            self._terminate(req, RequestStatus.REJECTED, now, reason)
+            return Admission(False, reason)
+        self._requests[rid] = req
+        req.status = RequestStatus.QUEUED
+        self._queue.append(req)
+        self.metrics.on_arrival(now)
+        return Admission(True)
+
+    def cancel(self, request_id: str, now: float) -> Abort | None:
+        """Cancel a queued or running request. Returns the Abort a backend must carry out
+        when the request was on an instance. Unknown or finished ids raise ValueError."""
+        req = self._active(request_id)
+        abort = None
+        if req.status is RequestStatus.QUEUED:
+            self._remove_queued(req)
+        elif req.instance_id is not None:
+            abort = Abort(request_id, req.instance_id)
+            self._release(req, now)
+            if req in self._handoffs:
+                self._handoffs.remove(req)
+        self._terminate(req, RequestStatus.CANCELLED, now, "cancelled")
+        return abort
+
+    def status(self, request_id: str) -> RequestStatus | None:
+        req = self._requests.get(request_id)
+        return None if req is None else req.status
+
+    def request_state(self, request_id: str) -> RequestState | None:
+        return self._requests.get(request_id)
+
+    def _running(self, request_id: str, instance_id: str | None) -> RequestState | None:
+        """The request an engine event is about, or None when the event is stale: the
+        request is finished, not running, or (when the backend names the instance) was
+        moved to another instance since."""
+        req = self._requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            return None
+        if instance_id is not None and req.instance_id != instance_id:
+            return None
+        return req
+
+    def on_first_token(self, request_id: str, now: float, instance_id: str | None = None) -> None:
+        req = self._running(request_id, instance_id)
+        if req is None or req.first_token_s is not None:
+            return
+        req.first_token_s = now
+        req.num_output_tokens = max(req.num_output_tokens, 1)
+        inst = self._instances.get(req.instance_id or "")
+        if inst is not None:
+            inst.on_first_token(req, now)
+
+    def on_tokens(
+        self, request_id: str, num_tokens: int, now: float, instance_id: str | None = None
+    ) -> None:
+        """``num_tokens`` more output tokens (the first one included if not reported)."""
+        req = self._running(request_id, instance_id)
+        if req is None:
+            return
+        if req.first_token_s is None:
+            self.on_first_token(request_id, now, instance_id)
+            num_tokens -= 1
+        req.num_output_tokens += max(0, num_tokens)
+        req.last_token_s = now
+
+    def on_prefill_done(self, request_id: str, now: float, instance_id: str | None = None) -> None:
+        """A PREFILL dispatch finished: the request waits for a decode instance."""
+        req = self._running(request_id, instance_id)
+        if req is None or req.phase is not Phase.PREFILL:
+            return
+        req.prefill_done_s = now
+        req.phase = Phase.DECODE
+        self._handoffs.append(req)
+
+    def on_finish(
+        self,
+        request_id: str,
+        now: float,
+        num_output_tokens: int | None = None,
+        instance_id: str | None = None,
+        extras: dict[str, float] | None = None,
+    ) -> None:
+        """The request finished on its instance. ``extras`` are backend facts recorded as
+        extra columns (preemptions, prefix-hit tokens, ...)."""
+        req = self._running(request_id, instance_id)
+        if req is None:
+            return
+        if num_output_tokens is not None:
+            req.num_output_tokens = num_output_tokens
+        if extras:
+            req.extras.update(extras)
+        if req.first_token_s is None:
+            req.first_token_s = now
+        self._release(req, now)
+        self._terminate(req, RequestStatus.COMPLETED, now, "")
+
+    def on_failure(
+        self,
+        request_id: str,
+        now: float,
+        reason: str,
+        retryable: bool = True,
+        instance_id: str | None = None,
+    ) -> None:
+        """The backend could not serve the request (engine error, timeout, lost instance)."""
+        req = self._running(request_id, instance_id)
+        if req is None:
+            return
+        self._release(req, now)
+        self._requeue_or_fail(req, now, reason, retryable)
+
+    def fail_all(self, now: float, reason: str) -> list[str]:
+        """Cancel everything still active (used when a driver stops)."""
+        ids = list(self._requests)
+        for rid in ids:
+            req = self._requests[rid]
+            self._release(req, now)
+            if req.status is RequestStatus.QUEUED:
+                self._remove_queued(req)
+            self._terminate(req, RequestStatus.CANCELLED, now, reason)
+        return ids
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, now: float) -> list[Dispatch]:
+        """Place what can be placed now: hand-offs first (they hold KV on a prefill
+        instance), then the queue in the scheduling policy's order."""
+        if self.config.queue_timeout_s is not None:
+            self._expire(now)
+        if not self._queue and not self._handoffs:
+            return []
+        views = {iid: inst.view() for iid, inst in self._instances.items()}
+        out: list[Dispatch] = []
+        if self._handoffs:
+            self._dispatch_handoffs(views, now, out)
+        if self._queue and any(v.has_capacity for v in views.values()):
+            self._dispatch_queue(views, now, out)
+        return out
+
+    def _dispatch_handoffs(
+        self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
+    ) -> None:
+        waiting: list[RequestState] = []
+        for req in self._handoffs:
+            cands = self._candidates(req.view, Phase.DECODE, views)
+            choice = self.router.route(req.view, cands, now) if cands else None
+            if choice is None:
+                waiting.append(req)
+                continue
+            source = req.instance_id
+            self._release(req, now)
+            self._assign(req, choice.instance_id, Phase.DECODE, now, views)
+            req.decode_instance_id = choice.instance_id
+            out.append(Dispatch(req.view.meta, choice.instance_id, Phase.DECODE, source))
+        self._handoffs = waiting
+
+    def _dispatch_queue(
+        self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
+    ) -> None:
+        queue_views = [req.view for req in self._queue]
+        ordered = self.policy.order(queue_views, list(views.values()), now)
+        placed: set[str] = set()
+        rejected: list[tuple[RequestState, str]] = []
+        for rview in ordered:
+            if not any(v.has_capacity for v in views.values()):
+                break
+            req = self._requests[rview.request_id]
+            phase = self._phase_for(rview, views, now)
+            cands = self._candidates(rview, phase, views)
+            if not cands and phase is Phase.PREFILL:
+                phase, cands = Phase.FULL, self._candidates(rview, Phase.FULL, views)
+            if not cands:
+                continue
+            placement = self.policy.place(rview, cands, self.router, now)
+            if placement is None:
+                continue
+            if placement.reject_reason is not None:
+                rejected.append((req, placement.reject_reason))
+                continue
+            iid = placement.instance_id
+            if iid is None or iid not in views or not any(c.instance_id == iid for c in cands):
+                raise ValueError(
+                    f"policy {self.policy.name!r} placed {rview.request_id!r} on {iid!r}, "
+                    f"which is not among the candidates {[c.instance_id for c in cands]}"
+                )
+            req.predicted_cost_usd = placement.predicted_cost_usd
+            req.policy_used = placement.policy or self.policy.name
+            placed.add(req.view.request_id)
+            self._assign(req, iid, phase, now, views)
+            if phase is Phase.PREFILL:
+                req.prefill_instance_id = iid
+            elif phase is Phase.FULL:
+                req.decode_instance_id = None
+            out.append(Dispatch(rview.meta, iid, phase))
+        if placed or rejected:
+            self._queue = [r for r in self._queue if r.view.request_id not in placed]
+        for req, reason in rejected:
+            self._remove_queued(req)
+            self._terminate(req, RequestStatus.REJECTED, now, reason)
+
+    def _phase_for(self, rview: RequestView, views: dict[str, InstanceView], now: float) -> Phase:
+        if self.pd_policy is None:
+            return Phase.FULL
+        return Phase.PREFILL if self.pd_policy.disaggregate(rview, list(views.values()), now) else Phase.FULL
+
+    def _candidates(
+        self, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
+    ) -> list[InstanceView]:
+        model = rview.model_name
+        types = _PHASE_TYPES[phase] if self.pd_policy is not None else None
+        return [
+            v
+            for v in views.values()
+            if v.has_capacity
+            and (model is None or v.model_name == model)
+            and (types is None or v.instance_type in types)
+        ]
+
+    # ------------------------------------------------------------------ internals
+    def _assign(
+        self,
+        req: RequestState,
+        instance_id: str,
+        phase: Phase,
+        now: float,
+        views: dict[str, InstanceView],
+    ) -> None:
+        inst = self._instances[instance_id]
+        req.status = RequestStatus.RUNNING
+        req.phase = phase
+        req.instance_id = instance_id
+        req.attempts += 1
+        if req.dispatch_s is None:
+            req.dispatch_s = now
+        inst.admit(req, now)
+        views[instance_id] = inst.view()
+
+    def _release(self, req: RequestState, now: float) -> None:
+        inst = self._instances.get(req.instance_id or "")
+        if inst is not None:
+            inst.release(req, now)
+
+    def _evict(self, inst: InstanceState, now: float, reason: str) -> list[str]:
+        affected = list(inst.in_flight)
+        for rid in affected:
+            req = self._requests[rid]
+            self._release(req, now)
+            if req in self._handoffs:
+                self._handoffs.remove(req)
+            self._requeue_or_fail(req, now, reason, retryable=True)
+        return affected
+
+    def _requeue_or_fail(self, req: RequestState, now: float, reason: str, retryable: bool) -> None:
+        can_retry = (
+            retryable
+            and self.config.on_instance_failure == "requeue"
+            and req.first_token_s is None
+            and req.attempts < self.config.max_attempts
+        )
+        if not can_retry:
+            self._terminate(req, RequestStatus.FAILED, now, reason)
+            return
+        req.status = RequestStatus.QUEUED
+        req.phase = None
+        req.instance_id = None
+        req.prefill_instance_id = None
+        req.retry_reasons.append(reason)
+        keys = [r.view.seq for r in self._queue]
+        self._queue.insert(bisect.bisect_left(keys, req.view.seq), req)
+
+    def _expire(self, now: float) -> None:
+        timeout = self.config.queue_timeout_s
+        assert timeout is not None
+        expired = [r for r in self._queue if now - r.view.arrival_s > timeout]
+        for req in expired:
+            self._remove_queued(req)
+            self._terminate(req, RequestStatus.FAILED, now, f"queued longer than {timeout} s")
+
+    def _remove_queued(self, req: RequestState) -> None:
+        self._queue.remove(req)
+
+    def _terminate(self, req: RequestState, status: RequestStatus, now: float, reason: str) -> None:
+        assert not req.status.is_terminal, f"{req.view.request_id} is already {req.status.name}"
+        req.status = status
+        req.finish_s = now
+        req.reason = reason
+        self._requests.pop(req.view.request_id, None)
+        slo_met = self.metrics.on_terminal(req, self._instances)
+        if status is RequestStatus.COMPLETED:
+            self.policy.observe(req.view, slo_met, now)
+
+    def _active(self, request_id: str) -> RequestState:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise ValueError(f"request_id={request_id!r} is not an active request")
+        return req
+
+    def _instance(self, instance_id: str) -> InstanceState:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            known = ", ".join(self._instances) or "none"
+            raise ValueError(f"instance_id={instance_id!r} is not registered; registered: {known}")
+        return inst
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._requests) - len(self._queue)
+
+    def active_ids(self) -> Iterable[str]:
+        return self._requests.keys()
+
+    def queued_views(self) -> list[RequestView]:
+        return [r.view for r in self._queue]

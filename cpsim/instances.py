@@ -1,0 +1,146 @@
+"""An instance's state inside the control plane: exact in-flight accounting plus scraped metrics."""
+
+from __future__ import annotations
+
+from cpsim.requests import RequestState
+from cpsim.types import ExecutionInstance
+from cpsim.views import InstanceSnapshot, InstanceView, Phase
+
+#: Weight of the newest sample in the recent TTFT/TPOT moving averages.
+EWMA_ALPHA = 0.2
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else old + EWMA_ALPHA * (sample - old)
+
+
+class InstanceState:
+    """Owned by the control plane. Cost is shared among the requests on the instance:
+    ``cost_share_s`` integrates 1/in_flight over busy time, so a request's share of the
+    instance's cost is rate x (share at release - share at admission), and the shares of
+    all requests add up to the instance's busy cost exactly."""
+
+    __slots__ = (
+        "_view",
+        "busy_s",
+        "cost_share_s",
+        "in_flight",
+        "instance",
+        "kv_cache_usage_frac",
+        "last_change_s",
+        "num_running",
+        "num_waiting",
+        "pending_prefill_tokens",
+        "recent_tpot_ms",
+        "recent_ttft_ms",
+        "registered_s",
+    )
+
+    def __init__(self, instance: ExecutionInstance, now: float) -> None:
+        self.instance = instance
+        self.in_flight: dict[str, RequestState] = {}
+        self.pending_prefill_tokens = 0
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage_frac = 0.0
+        self.recent_ttft_ms: float | None = None
+        self.recent_tpot_ms: float | None = None
+        self.registered_s = now
+        self.last_change_s = now
+        self.busy_s = 0.0
+        self.cost_share_s = 0.0
+        self._view: InstanceView | None = None
+
+    # -- accounting -------------------------------------------------------------
+    def _advance(self, now: float) -> None:
+        n = len(self.in_flight)
+        if n and now > self.last_change_s:
+            dt = now - self.last_change_s
+            self.busy_s += dt
+            self.cost_share_s += dt / n
+        self.last_change_s = max(self.last_change_s, now)
+
+    def admit(self, req: RequestState, now: float) -> None:
+        self._advance(now)
+        self.in_flight[req.view.request_id] = req
+        req.cost_share_start = self.cost_share_s
+        if req.phase is not Phase.DECODE and req.first_token_s is None:
+            req.prefill_pending = True
+            self.pending_prefill_tokens += req.view.num_prompt_tokens
+        self._view = None
+
+    def release(self, req: RequestState, now: float) -> None:
+        if req.view.request_id not in self.in_flight:
+            return
+        self._advance(now)
+        del self.in_flight[req.view.request_id]
+        req.cost_usd += self.instance.cost_per_hour / 3600.0 * (
+            self.cost_share_s - req.cost_share_start
+        )
+        self._clear_prefill(req)
+        if req.first_token_s is not None and req.num_output_tokens > 1 and req.phase is not Phase.PREFILL:
+            start = req.first_token_s
+            self.recent_tpot_ms = _ewma(
+                self.recent_tpot_ms, 1000.0 * (now - start) / (req.num_output_tokens - 1)
+            )
+        self._view = None
+
+    def on_first_token(self, req: RequestState, now: float) -> None:
+        self._clear_prefill(req)
+        start = req.dispatch_s if req.dispatch_s is not None else req.view.arrival_s
+        self.recent_ttft_ms = _ewma(self.recent_ttft_ms, 1000.0 * (now - start))
+        self._view = None
+
+    def _clear_prefill(self, req: RequestState) -> None:
+        if req.prefill_pending:
+            req.prefill_pending = False
+            self.pending_prefill_tokens -= req.view.num_prompt_tokens
+
+    def apply(self, snap: InstanceSnapshot, now: float) -> None:
+        if snap.num_running is not None:
+            self.num_running = snap.num_running
+        if snap.num_waiting is not None:
+            self.num_waiting = snap.num_waiting
+        if snap.kv_cache_usage_frac is not None:
+            self.kv_cache_usage_frac = snap.kv_cache_usage_frac
+        if snap.is_healthy is not None:
+            self.instance.is_healthy = snap.is_healthy
+        self._view = None
+
+    def set_health(self, healthy: bool) -> None:
+        self.instance.is_healthy = healthy
+        self._view = None
+
+    def busy_frac(self, now: float) -> float:
+        self._advance(now)
+        span = now - self.registered_s
+        return self.busy_s / span if span > 0 else 0.0
+
+    # -- what policies see -------------------------------------------------------
+    def view(self) -> InstanceView:
+        if self._view is None:
+            i = self.instance
+            self.instance.current_load = len(self.in_flight) / i.max_concurrent_requests
+            self._view = InstanceView(
+                i.instance_id,
+                i.model_name,
+                i.instance_type,
+                i.is_healthy,
+                len(self.in_flight),
+                self.pending_prefill_tokens,
+                i.max_concurrent_requests,
+                self.num_running,
+                self.num_waiting,
+                self.kv_cache_usage_frac,
+                i.tensor_parallel_size,
+                i.pipeline_parallel_size,
+                i.data_parallel_size,
+                i.expert_parallel_size,
+                i.num_gpus,
+                i.gpu_type,
+                i.gpu_memory_gb,
+                i.cost_per_gpu_hour,
+                self.recent_ttft_ms,
+                self.recent_tpot_ms,
+            )
+        return self._view

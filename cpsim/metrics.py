@@ -1,0 +1,280 @@
+"""Per-request records, stored by column as requests finish, and the run summary built from them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestStatus
+from cpsim.views import InstanceSnapshot
+
+if TYPE_CHECKING:
+    from cpsim.instances import InstanceState
+    from cpsim.requests import RequestState
+
+#: Columns every record has, in order; backends may add numeric extras after them.
+RECORD_COLUMNS = (
+    "request_id",
+    "user_id",
+    "priority",
+    "status",
+    "reason",
+    "arrival_time_s",
+    "dispatch_time_s",
+    "first_token_time_s",
+    "finish_time_s",
+    "queue_delay_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "latency_ms",
+    "num_prompt_tokens",
+    "num_output_tokens",
+    "instance_id",
+    "prefill_instance_id",
+    "decode_instance_id",
+    "slo_deadline_ms",
+    "slo_met",
+    "cost_usd",
+    "predicted_cost_usd",
+    "policy",
+    "attempts",
+)
+_CATEGORICAL = ("user_id", "priority", "status", "reason", "instance_id",
+                "prefill_instance_id", "decode_instance_id", "policy")
+_NAN = float("nan")
+
+
+def _ms(start: float | None, end: float | None) -> float:
+    if start is None or end is None:
+        return _NAN
+    return 1000.0 * (end - start)
+
+
+class RecordStore:
+    """Rows collected into Python lists, frozen into compact DataFrame chunks every
+    ``chunk_rows`` rows, and written to parquet files under ``spill_dir`` when one is
+    given, so memory grows with the chunk, not with the run."""
+
+    def __init__(self, chunk_rows: int = 65_536, spill_dir: str | Path | None = None) -> None:
+        self.chunk_rows = chunk_rows
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._cols: dict[str, list[Any]] = {c: [] for c in RECORD_COLUMNS}
+        self._extra_names: list[str] = []
+        self._chunks: list[pd.DataFrame] = []
+        self._spilled: list[Path] = []
+        self._rows = 0
+        self._total = 0
+
+    def append(self, row: Mapping[str, Any], extras: Mapping[str, float]) -> None:
+        for name, value in extras.items():
+            if name not in self._cols:
+                self._cols[name] = [_NAN] * self._rows
+                self._extra_names.append(name)
+        for name, col in self._cols.items():
+            col.append(row[name] if name in row else extras.get(name, _NAN))
+        self._rows += 1
+        self._total += 1
+        if self._rows >= self.chunk_rows:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        if not self._rows:
+            return
+        frame = pd.DataFrame(self._cols)
+        for name in _CATEGORICAL:
+            frame[name] = frame[name].astype("category")
+        self._cols = {c: [] for c in self._cols}
+        self._rows = 0
+        if self.spill_dir is None:
+            self._chunks.append(frame)
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"records-{len(self._spilled):05d}.parquet"
+        frame.to_parquet(path, index=False)
+        self._spilled.append(path)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def frame(self) -> pd.DataFrame:
+        self._freeze()
+        parts = [pd.read_parquet(p) for p in self._spilled] + self._chunks
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in RECORD_COLUMNS})
+        frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
+        for name in _CATEGORICAL:
+            frame[name] = frame[name].astype(str).replace({"None": None}).astype("category")
+        return frame
+
+
+class MetricsCollector:
+    """Turns terminal requests into records and records into a PerformanceMetrics."""
+
+    def __init__(self, chunk_rows: int = 65_536, spill_dir: str | Path | None = None) -> None:
+        self.store = RecordStore(chunk_rows, spill_dir)
+        self.first_arrival_s: float | None = None
+        self.num_arrivals = 0
+        self._instance_spans: dict[str, list[float]] = {}  # id -> [start, end or nan, $/h]
+        self._gpu_util: dict[str, float] = {}
+        self._gpu_mem_gb: dict[str, float] = {}
+
+    def on_instance_added(self, instance: ExecutionInstance, now: float) -> None:
+        self._instance_spans[instance.instance_id] = [now, _NAN, instance.cost_per_hour]
+
+    def on_instance_removed(self, instance_id: str, now: float) -> None:
+        span = self._instance_spans.get(instance_id)
+        if span is not None:
+            span[1] = now
+            self._instance_spans[f"{instance_id}@{span[0]}"] = self._instance_spans.pop(instance_id)
+
+    def on_snapshot(self, snap: InstanceSnapshot, instance: ExecutionInstance, now: float) -> None:
+        if snap.gpu_utilization_frac is not None:
+            self._gpu_util[snap.instance_id] = snap.gpu_utilization_frac
+        if snap.kv_cache_usage_frac is not None:
+            used = snap.kv_cache_usage_frac * instance.gpu_memory_gb * instance.num_gpus
+            self._gpu_mem_gb[snap.instance_id] = used
+
+    def on_arrival(self, now: float) -> None:
+        self.num_arrivals += 1
+        if self.first_arrival_s is None:
+            self.first_arrival_s = now
+
+    def on_terminal(self, req: RequestState, instances: Mapping[str, InstanceState]) -> bool | None:
+        """Record a request that reached its terminal state; returns whether it met its SLO
+        (None when it has none)."""
+        v = req.view
+        latency_ms = _ms(v.arrival_s, req.finish_s)
+        completed = req.status is RequestStatus.COMPLETED
+        slo_met: bool | None = None
+        if v.slo_deadline_ms is not None and req.status is not RequestStatus.CANCELLED:
+            slo_met = completed and latency_ms <= v.slo_deadline_ms
+        n_out = req.num_output_tokens
+        tpot = _NAN
+        if completed and n_out > 1 and req.first_token_s is not None and req.finish_s is not None:
+            tpot = 1000.0 * (req.finish_s - req.first_token_s) / (n_out - 1)
+        row = {
+            "request_id": v.request_id,
+            "user_id": v.user_id,
+            "priority": v.priority.name,
+            "status": req.status.name,
+            "reason": req.reason or None,
+            "arrival_time_s": v.arrival_s,
+            "dispatch_time_s": _NAN if req.dispatch_s is None else req.dispatch_s,
+            "first_token_time_s": _NAN if req.first_token_s is None else req.first_token_s,
+            "finish_time_s": req.finish_s,
+            "queue_delay_ms": _ms(v.arrival_s, req.dispatch_s),
+            "ttft_ms": _ms(v.arrival_s, req.first_token_s),
+            "tpot_ms": tpot,
+            "latency_ms": latency_ms if completed else _NAN,
+            "num_prompt_tokens": v.num_prompt_tokens,
+            "num_output_tokens": n_out,
+            "instance_id": req.instance_id,
+            "prefill_instance_id": req.prefill_instance_id,
+            "decode_instance_id": req.decode_instance_id,
+            "slo_deadline_ms": _NAN if v.slo_deadline_ms is None else v.slo_deadline_ms,
+            "slo_met": slo_met,
+            "cost_usd": req.cost_usd,
+            "predicted_cost_usd": _NAN if req.predicted_cost_usd is None else req.predicted_cost_usd,
+            "policy": req.policy_used,
+            "attempts": req.attempts,
+        }
+        self.store.append(row, req.extras)
+        return slo_met
+
+    def records(self) -> pd.DataFrame:
+        return self.store.frame()
+
+    def total_cost_usd(self, now: float) -> float:
+        total = 0.0
+        for start, end, rate in self._instance_spans.values():
+            stop = now if math.isnan(end) else end
+            total += max(0.0, stop - start) * rate / 3600.0
+        return total
+
+    def summary(
+        self,
+        now: float,
+        instances: Mapping[str, InstanceState],
+        num_active: int = 0,
+        num_queued: int = 0,
+        records: pd.DataFrame | None = None,
+    ) -> PerformanceMetrics:
+        df = self.records() if records is None else records
+        return summarize(
+            df,
+            window_s=(now - self.first_arrival_s) if self.first_arrival_s is not None else 0.0,
+            num_active=num_active,
+            num_queued=num_queued,
+            gpu_utilization=self._utilization(now, instances),
+            used_gpu_memory_gb=sum(self._gpu_mem_gb.get(i, 0.0) for i in instances),
+            total_cost_usd=self.total_cost_usd(now),
+        )
+
+    def _utilization(self, now: float, instances: Mapping[str, InstanceState]) -> float:
+        if not instances:
+            return 0.0
+        fracs = [self._gpu_util.get(iid, inst.busy_frac(now)) for iid, inst in instances.items()]
+        return float(np.mean(fracs))
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else 0.0
+
+
+def summarize(
+    df: pd.DataFrame,
+    window_s: float,
+    num_active: int = 0,
+    num_queued: int = 0,
+    gpu_utilization: float = 0.0,
+    used_gpu_memory_gb: float = 0.0,
+    total_cost_usd: float = 0.0,
+) -> PerformanceMetrics:
+    """A PerformanceMetrics from per-request records (one row per terminal request)."""
+    status = df["status"].astype(str)
+    done = df[status == "COMPLETED"]
+    lat = done["latency_ms"].to_numpy(dtype=float)
+    ttft = done["ttft_ms"].to_numpy(dtype=float)
+    tpot = done["tpot_ms"].dropna().to_numpy(dtype=float)
+    tokens = float(done["num_prompt_tokens"].sum() + done["num_output_tokens"].sum())
+    with_slo = df[df["slo_met"].notna()]
+    met = int(with_slo["slo_met"].astype(bool).sum())
+    violations = len(with_slo) - met
+    good = len(done) - int((done["slo_met"].notna() & ~done["slo_met"].fillna(True).astype(bool)).sum())
+    window = window_s if window_s > 0 else 0.0
+    return PerformanceMetrics(
+        total_requests=len(df) + num_active,
+        completed_requests=len(done),
+        failed_requests=int((status == "FAILED").sum()),
+        cancelled_requests=int((status == "CANCELLED").sum()),
+        rejected_requests=int((status == "REJECTED").sum()),
+        active_requests=num_active - num_queued,
+        queued_requests=num_queued,
+        avg_latency_ms=float(lat.mean()) if lat.size else 0.0,
+        p50_latency_ms=_pct(lat, 50),
+        p95_latency_ms=_pct(lat, 95),
+        p99_latency_ms=_pct(lat, 99),
+        avg_ttft_ms=float(ttft.mean()) if ttft.size else 0.0,
+        p50_ttft_ms=_pct(ttft, 50),
+        p95_ttft_ms=_pct(ttft, 95),
+        p99_ttft_ms=_pct(ttft, 99),
+        avg_tpot_ms=float(tpot.mean()) if tpot.size else 0.0,
+        p50_tpot_ms=_pct(tpot, 50),
+        p95_tpot_ms=_pct(tpot, 95),
+        p99_tpot_ms=_pct(tpot, 99),
+        throughput_tokens_per_s=tokens / window if window else 0.0,
+        throughput_requests_per_s=len(done) / window if window else 0.0,
+        slo_violations=violations,
+        slo_compliance_rate=met / len(with_slo) if len(with_slo) else 1.0,
+        goodput_requests_per_s=good / window if window else 0.0,
+        avg_gpu_utilization=gpu_utilization,
+        used_gpu_memory_gb=used_gpu_memory_gb,
+        total_cost_usd=total_cost_usd,
+        cost_per_token=total_cost_usd / tokens if tokens else 0.0,
+        window_s=window,
+    )

@@ -1,0 +1,90 @@
+"""The roles policies play for the control plane: what each receives and must return."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from cpsim.views import InstanceView, RequestView
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A scheduling policy's answer for one request: an instance, or a rejection.
+
+    ``predicted_cost_usd`` and ``policy`` are recorded on the request (cost-aware and
+    adaptive policies fill them)."""
+
+    instance_id: str | None = None
+    reject_reason: str | None = None
+    predicted_cost_usd: float | None = None
+    policy: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyEstimate:
+    """Predicted latencies of a request on an instance, in seconds."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def e2e_s(self, num_output_tokens: int) -> float:
+        return self.ttft_s + self.tpot_s * max(0, num_output_tokens - 1)
+
+
+@runtime_checkable
+class LatencyModel(Protocol):
+    """Predicts how long a request would take on an instance as it is now."""
+
+    def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate: ...
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Picks one instance for a request among candidates that already fit it (healthy,
+    serving its model and phase, with capacity). Returns None to leave it queued."""
+
+    name: str
+
+    def route(
+        self, request: RequestView, candidates: Sequence[InstanceView], now: float
+    ) -> InstanceView | None: ...
+
+
+@runtime_checkable
+class SchedulingPolicy(Protocol):
+    """Decides which queued request goes next and, through ``place``, where.
+
+    ``order`` returns the queue in dispatch order (it may drop nothing: every request it is
+    given must appear once). ``place`` returns a Placement or None to keep the request
+    queued; the default places where the router says. ``observe`` is told each request
+    that completes, with whether it met its SLO (None without one).
+    """
+
+    name: str
+
+    def order(
+        self, queue: Sequence[RequestView], instances: Sequence[InstanceView], now: float
+    ) -> Sequence[RequestView]: ...
+
+    def place(
+        self,
+        request: RequestView,
+        candidates: Sequence[InstanceView],
+        router: Router,
+        now: float,
+    ) -> Placement | None: ...
+
+    def observe(self, request: RequestView, slo_met: bool | None, now: float) -> None: ...
+
+
+@runtime_checkable
+class PDPolicy(Protocol):
+    """Decides whether a request's prefill runs on a separate prefill instance."""
+
+    name: str
+
+    def disaggregate(
+        self, request: RequestView, instances: Sequence[InstanceView], now: float
+    ) -> bool: ...

@@ -1,0 +1,136 @@
+"""Frozen snapshots that policies and routers see: a request, an instance, and what a backend reports."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from cpsim.types import (
+    ExecutionInstanceType,
+    ParallelismType,
+    RequestMetadata,
+    RequestPriority,
+)
+
+
+class Phase(enum.Enum):
+    """What a dispatch asks an instance to do."""
+
+    FULL = "full"  # prefill and decode on one instance
+    PREFILL = "prefill"  # prefill (and the first token) only; the KV cache is handed off
+    DECODE = "decode"  # continue from a KV cache handed off by a prefill instance
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """A queued request as policies see it. Times in seconds of the driver's clock."""
+
+    request_id: str
+    user_id: str
+    priority: RequestPriority
+    arrival_s: float
+    num_prompt_tokens: int
+    max_tokens: int
+    slo_deadline_ms: float | None
+    cost_budget: float | None
+    model_name: str | None
+    parallelism_hint: ParallelismType | None
+    meta: RequestMetadata
+    seq: int  # arrival order, unique per control plane
+
+    @classmethod
+    def of(cls, meta: RequestMetadata, arrival_s: float, seq: int) -> RequestView:
+        return cls(
+            meta.request_id,
+            meta.user_id,
+            meta.priority,
+            arrival_s,
+            meta.prompt_tokens,
+            meta.max_tokens,
+            meta.slo_deadline_ms,
+            meta.cost_budget,
+            meta.model_name,
+            meta.parallelism_hint,
+            meta,
+            seq,
+        )
+
+    def deadline_s(self) -> float | None:
+        """Absolute deadline on the driver's clock, or None without an SLO."""
+        if self.slo_deadline_ms is None:
+            return None
+        return self.arrival_s + self.slo_deadline_ms / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    """What a backend observed of an engine at ``time_s`` (live: vLLM's /metrics; sim: the
+    replica, on the same scrape interval). Fields a backend cannot observe stay None."""
+
+    instance_id: str
+    time_s: float
+    num_running: int | None = None
+    num_waiting: int | None = None
+    kv_cache_usage_frac: float | None = None
+    prefix_cache_hit_rate: float | None = None
+    gpu_utilization_frac: float | None = None
+    is_healthy: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """An instance as policies see it: static description, the control plane's exact
+    in-flight accounting, and the last scraped engine state."""
+
+    instance_id: str
+    model_name: str
+    instance_type: ExecutionInstanceType
+    is_healthy: bool
+    in_flight: int  # dispatched by this control plane and not yet done (exact)
+    pending_prefill_tokens: int  # prompt tokens of in-flight requests without a first token
+    max_concurrent_requests: int
+    num_running: int  # scraped
+    num_waiting: int  # scraped
+    kv_cache_usage_frac: float  # scraped, in [0, 1]
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    expert_parallel_size: int
+    gpu_count: int
+    gpu_type: str
+    gpu_memory_gb: float
+    cost_per_gpu_hour: float
+    recent_ttft_ms: float | None  # moving average over recent completions
+    recent_tpot_ms: float | None
+
+    @property
+    def load_frac(self) -> float:
+        """In-flight requests over capacity, in [0, 1+]."""
+        return self.in_flight / self.max_concurrent_requests
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.is_healthy and self.in_flight < self.max_concurrent_requests
+
+    @property
+    def outstanding(self) -> int:
+        """Requests the engine holds or will hold: the larger of our count and its own."""
+        return max(self.in_flight, self.num_running + self.num_waiting)
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.cost_per_gpu_hour * self.gpu_count
+
+    def parallelism_types(self) -> frozenset[ParallelismType]:
+        kinds = set()
+        if self.tensor_parallel_size > 1:
+            kinds.add(ParallelismType.TENSOR_PARALLEL)
+        if self.pipeline_parallel_size > 1:
+            kinds.add(ParallelismType.PIPELINE_PARALLEL)
+        if self.data_parallel_size > 1:
+            kinds.add(ParallelismType.DATA_PARALLEL)
+        if self.expert_parallel_size > 1:
+            kinds.add(ParallelismType.EXPERT_PARALLEL)
+        if len(kinds) > 1:
+            kinds.add(ParallelismType.HYBRID)
+        return frozenset(kinds)
