@@ -9,7 +9,7 @@ already terminal (a late token after a cancel, say) are ignored.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,6 +107,9 @@ class ControlPlane:
         self._handoffs: list[RequestState] = []  # prefilled, waiting for a decode instance
         self._instances: dict[str, InstanceState] = {}
         self._seq = 0
+        #: Called with each request as it reaches its terminal state (drivers use it to
+        #: wake waiters or keep a bounded status history).
+        self.terminal_listeners: list[Callable[[RequestState], None]] = []
 
     # ------------------------------------------------------------------ instances
     def add_instance(self, instance: ExecutionInstance, now: float) -> None:
@@ -249,6 +252,9 @@ class ControlPlane:
             req.extras.update(extras)
         if req.first_token_s is None:
             req.first_token_s = now
+        inst = self._instances.get(req.instance_id or "")
+        if inst is not None:
+            inst.on_complete(req, now)
         self._release(req, now)
         self._terminate(req, RequestStatus.COMPLETED, now, "")
 
@@ -445,6 +451,8 @@ class ControlPlane:
         slo_met = self.metrics.on_terminal(req, self._instances)
         if status is RequestStatus.COMPLETED:
             self.policy.observe(req.view, slo_met, now)
+        for listener in self.terminal_listeners:
+            listener(req)
 
     def _active(self, request_id: str) -> RequestState:
         req = self._requests.get(request_id)

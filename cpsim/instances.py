@@ -31,6 +31,7 @@ class InstanceState:
         "num_running",
         "num_waiting",
         "pending_prefill_tokens",
+        "recent_latency_ms",
         "recent_tpot_ms",
         "recent_ttft_ms",
         "registered_s",
@@ -45,6 +46,7 @@ class InstanceState:
         self.kv_cache_usage_frac = 0.0
         self.recent_ttft_ms: float | None = None
         self.recent_tpot_ms: float | None = None
+        self.recent_latency_ms: float | None = None
         self.registered_s = now
         self.last_change_s = now
         self.busy_s = 0.0
@@ -90,6 +92,9 @@ class InstanceState:
         start = req.dispatch_s if req.dispatch_s is not None else req.view.arrival_s
         self.recent_ttft_ms = _ewma(self.recent_ttft_ms, 1000.0 * (now - start))
         self._view = None
+
+    def on_complete(self, req: RequestState, now: float) -> None:
+        self.recent_latency_ms = _ewma(self.recent_latency_ms, 1000.0 * (now - req.view.arrival_s))
 
     def _clear_prefill(self, req: RequestState) -> None:
         if req.prefill_pending:

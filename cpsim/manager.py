@@ -1,0 +1,415 @@
+"""The seed API: ``ControlPlaneManager`` drives the sans-I/O core from asyncio over a Backend.
+
+This is the one module of ``cpsim`` that imports ``policies`` (to turn names into objects
+through the registries it exports) and ``backends`` (to pick the default backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from cpsim.backend import Backend
+from cpsim.core import ControlPlane, ControlPlaneConfig, Dispatch
+from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.requests import RequestState
+from cpsim.types import (
+    ExecutionInstance,
+    PDSeparationConfig,
+    PerformanceMetrics,
+    RequestMetadata,
+    RequestStatus,
+)
+from cpsim.validation import check_positive, lookup
+from cpsim.views import InstanceSnapshot, InstanceView, RequestView
+from policies import PD_POLICIES, ROUTERS, SCHEDULING_POLICIES
+
+log = logging.getLogger("cpsim.manager")
+
+#: How many finished requests keep their status for ``get_request_status``.
+FINISHED_HISTORY = 100_000
+
+
+def make_scheduling_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
+    policy: SchedulingPolicy = lookup(SCHEDULING_POLICIES, name, "scheduling_policy")(**kwargs)
+    return policy
+
+
+def make_router(name: str, **kwargs: Any) -> Router:
+    router: Router = lookup(ROUTERS, name, "routing_strategy")(**kwargs)
+    return router
+
+
+def make_pd_policy(config: PDSeparationConfig) -> PDPolicy:
+    cls: Any = lookup(PD_POLICIES, config.routing_policy, "pd routing_policy")
+    policy: PDPolicy = cls.from_config(config)
+    return policy
+
+
+class RouterSwitch:
+    """The control plane's router, switchable at run time as in the seed:
+    ``cp.router.routing_strategy = "locality"``."""
+
+    def __init__(self, routing_strategy: str) -> None:
+        self._router = make_router(routing_strategy)
+        self._strategy = routing_strategy
+
+    @property
+    def routing_strategy(self) -> str:
+        return self._strategy
+
+    @routing_strategy.setter
+    def routing_strategy(self, name: str) -> None:
+        self._router = make_router(name)
+        self._strategy = name
+
+    @property
+    def name(self) -> str:
+        return self._strategy
+
+    def route(
+        self, request: RequestView, candidates: Sequence[InstanceView], now: float
+    ) -> InstanceView | None:
+        return self._router.route(request, candidates, now)
+
+
+class LoadBalancer:
+    """The seed's ``cp.load_balancer.select_instance(instances, algorithm=...)``: one routing
+    decision over given instances, outside the request flow. Routers keep their state
+    (round-robin position, affinity) per algorithm between calls."""
+
+    def __init__(self, core: ControlPlane, clock: Any) -> None:
+        self._core = core
+        self._clock = clock
+        self._routers: dict[str, Router] = {}
+
+    def select_instance(
+        self,
+        instances: Sequence[ExecutionInstance],
+        algorithm: str = "load_balanced",
+        request: RequestMetadata | None = None,
+    ) -> ExecutionInstance | None:
+        router = self._routers.get(algorithm)
+        if router is None:
+            router = self._routers[algorithm] = make_router(algorithm)
+        views = [self._view(i) for i in instances]
+        candidates = [v for v in views if v.has_capacity]
+        meta = request or RequestMetadata(request_id="select-instance")
+        choice = router.route(RequestView.of(meta, self._clock(), 0), candidates, self._clock())
+        if choice is None:
+            return None
+        return next(i for i in instances if i.instance_id == choice.instance_id)
+
+    def _view(self, instance: ExecutionInstance) -> InstanceView:
+        try:
+            return self._core.instance_state(instance.instance_id).view()
+        except ValueError:
+            from cpsim.instances import InstanceState
+
+            return InstanceState(instance, self._clock()).view()
+
+
+class ControlPlaneManager:
+    """Queues requests, schedules and routes them over registered instances, and reports.
+
+    Runs in wall time on the current asyncio loop. ``backend`` executes dispatches: the
+    default simulates vLLM replicas in wall time so the API works with no engine.
+    """
+
+    def __init__(
+        self,
+        scheduling_policy: str = "fifo",
+        routing_strategy: str = "load_balanced",
+        enable_monitoring: bool = True,
+        enable_pd_separation: bool = False,
+        pd_config: PDSeparationConfig | None = None,
+        backend: Backend | None = None,
+        config: ControlPlaneConfig | None = None,
+        monitoring_interval_s: float = 10.0,
+    ) -> None:
+        check_positive("monitoring_interval_s", monitoring_interval_s)
+        if enable_pd_separation and pd_config is None:
+            pd_config = PDSeparationConfig(enabled=True)
+        if pd_config is not None and pd_config.enabled and not enable_pd_separation:
+            enable_pd_separation = True
+        self.pd_config = pd_config or PDSeparationConfig(enabled=False)
+        self.enable_pd_separation = enable_pd_separation
+        self.enable_monitoring = enable_monitoring
+        self.monitoring_interval_s = monitoring_interval_s
+        self.router = RouterSwitch(routing_strategy)
+        pd_policy = make_pd_policy(self.pd_config) if enable_pd_separation else None
+        self.core = ControlPlane(
+            make_scheduling_policy(scheduling_policy), self.router, pd_policy, config
+        )
+        self.core.terminal_listeners.append(self._on_terminal)
+        self.backend = backend if backend is not None else self._default_backend()
+        self.load_balancer = LoadBalancer(self.core, self._now)
+        self._t0 = time.monotonic()
+        self._running = False
+        self._pumping = False
+        self._pump_again = False
+        self._finished: OrderedDict[str, tuple[RequestStatus, str]] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[RequestStatus]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics_history: list[PerformanceMetrics] = []
+
+    @staticmethod
+    def _default_backend() -> Backend:
+        from backends.scripted import ScriptedBackend
+
+        return ScriptedBackend()
+
+    def _now(self) -> float:
+        return time.monotonic() - self._t0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        await self.backend.start(self, self._now)
+        self._tasks.append(asyncio.create_task(self._tick_loop()))
+        if self.enable_monitoring:
+            self._tasks.append(asyncio.create_task(self._monitor_loop()))
+
+    async def stop(self) -> None:
+        """Stop: requests still queued or running end CANCELLED, engines are told to abort."""
+        if not self._running:
+            return
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        now = self._now()
+        for rid in list(self.core.active_ids()):
+            abort = self.core.cancel(rid, now)
+            if abort is not None:
+                self.backend.abort(abort)
+        await self.backend.stop()
+
+    async def __aenter__(self) -> ControlPlaneManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ instances
+    async def register_instance(self, instance: ExecutionInstance) -> bool:
+        self.core.add_instance(instance, self._now())
+        await self.backend.add_instance(instance)
+        self._pump()
+        return True
+
+    async def unregister_instance(self, instance_id: str) -> bool:
+        self.core.remove_instance(instance_id, self._now())
+        await self.backend.remove_instance(instance_id)
+        self._pump()
+        return True
+
+    async def get_instances(self) -> list[ExecutionInstance]:
+        self.core.instance_views()  # building the views refreshes each current_load
+        return self.core.instances()
+
+    async def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
+        state = self.core.instance_state(instance_id)
+        view = state.view()
+        return {
+            "instance_id": instance_id,
+            "active_requests": view.in_flight,
+            "num_running": view.num_running,
+            "num_waiting": view.num_waiting,
+            "kv_cache_usage": view.kv_cache_usage_frac,
+            "avg_latency_ms": state.recent_latency_ms,
+            "recent_ttft_ms": view.recent_ttft_ms,
+            "recent_tpot_ms": view.recent_tpot_ms,
+            "is_healthy": view.is_healthy,
+            "current_load": view.load_frac,
+            "gpu_utilization": state.busy_frac(self._now()),
+        }
+
+    # ------------------------------------------------------------------ requests
+    async def submit_request(self, metadata: RequestMetadata) -> str:
+        """Queue a request; returns its id. A full queue rejects it (status REJECTED)."""
+        rid = metadata.request_id
+        if rid in self._finished:
+            raise ValueError(f"request_id={rid!r} was already submitted; request ids must be unique")
+        self.core.on_arrival(metadata, self._now())
+        self._pump()
+        return rid
+
+    async def get_request_status(self, request_id: str) -> RequestStatus | None:
+        status = self.core.status(request_id)
+        if status is not None:
+            return status
+        done = self._finished.get(request_id)
+        return None if done is None else done[0]
+
+    def get_request_reason(self, request_id: str) -> str | None:
+        done = self._finished.get(request_id)
+        return None if done is None else done[1]
+
+    async def cancel_request(self, request_id: str) -> bool:
+        """True if the request was queued or running and is now CANCELLED."""
+        if self.core.status(request_id) is None:
+            return False
+        abort = self.core.cancel(request_id, self._now())
+        if abort is not None:
+            self.backend.abort(abort)
+        self._pump()
+        return True
+
+    async def wait_for_request(self, request_id: str, timeout_s: float | None = None) -> RequestStatus:
+        """Wait until the request is terminal; returns its final status."""
+        done = self._finished.get(request_id)
+        if done is not None:
+            return done[0]
+        if self.core.status(request_id) is None:
+            raise ValueError(f"request_id={request_id!r} is unknown")
+        fut: asyncio.Future[RequestStatus] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(fut)
+        return await asyncio.wait_for(fut, timeout_s)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Wait until no request is queued or running."""
+        async def _wait() -> None:
+            while self.core.num_active:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(_wait(), timeout_s)
+
+    # ------------------------------------------------------------------ reports
+    async def get_metrics(self) -> PerformanceMetrics:
+        now = self._now()
+        return self.core.metrics.summary(
+            now, self._instance_states(), self.core.num_active, self.core.num_queued
+        )
+
+    def get_request_records(self) -> pd.DataFrame:
+        return self.core.metrics.records()
+
+    async def get_status(self) -> dict[str, Any]:
+        views = self.core.instance_views()
+        return {
+            "running": self._running,
+            "scheduling_policy": self.core.policy.name,
+            "routing_strategy": self.router.routing_strategy,
+            "pd_separation": self.enable_pd_separation,
+            "backend": self.backend.name,
+            "pending_requests": self.core.num_queued,
+            "running_requests": self.core.num_running,
+            "available_instances": sum(1 for v in views if v.is_healthy),
+            "total_instances": len(views),
+        }
+
+    async def update_policy(self, scheduling_policy: str) -> None:
+        self.core.policy = make_scheduling_policy(scheduling_policy)
+        self._pump()
+
+    def _instance_states(self) -> Mapping[str, Any]:
+        return {v.instance_id: self.core.instance_state(v.instance_id) for v in self.core.instance_views()}
+
+    # ------------------------------------------------------------------ engine events
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self.core.on_first_token(request_id, now, instance_id)
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self.core.on_tokens(request_id, num_tokens, now, instance_id)
+
+    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
+        self.core.on_prefill_done(request_id, now, instance_id)
+        self._pump()
+
+    def on_finish(
+        self,
+        request_id: str,
+        instance_id: str,
+        num_output_tokens: int,
+        now: float,
+        extras: Mapping[str, float] | None = None,
+    ) -> None:
+        self.core.on_finish(request_id, now, num_output_tokens, instance_id, dict(extras or {}))
+        self._pump()
+
+    def on_failure(
+        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
+    ) -> None:
+        self.core.on_failure(request_id, now, reason, retryable, instance_id)
+        self._pump()
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        with contextlib.suppress(ValueError):
+            self.core.on_instance_failure(instance_id, now, reason)
+        self._pump()
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        with contextlib.suppress(ValueError):
+            self.core.set_instance_health(instance_id, True)
+        self._pump()
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self.core.on_instance_update(snapshot, now)
+
+    # ------------------------------------------------------------------ internals
+    def _pump(self) -> None:
+        """Dispatch what can go now. Re-entrant calls (a backend reporting an event from
+        inside ``dispatch``) fold into one more pass instead of recursing."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._pump_again = False
+                for d in self.core.dispatch(self._now()):
+                    self._send(d)
+                again = self._pump_again
+        finally:
+            self._pumping = False
+
+    def _send(self, dispatch: Dispatch) -> None:
+        try:
+            self.backend.dispatch(dispatch)
+        except Exception as exc:  # a backend error must not lose the request
+            log.exception("backend failed to dispatch %s", dispatch.request_id)
+            self.core.on_failure(
+                dispatch.request_id, self._now(), f"dispatch error: {exc}", True, dispatch.instance_id
+            )
+
+    def _on_terminal(self, req: RequestState) -> None:
+        rid = req.request_id
+        self._finished[rid] = (req.status, req.reason)
+        if len(self._finished) > FINISHED_HISTORY:
+            self._finished.popitem(last=False)
+        for fut in self._waiters.pop(rid, []):
+            if not fut.done():
+                fut.set_result(req.status)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self._pump()
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.monitoring_interval_s)
+            metrics = await self.get_metrics()
+            self.metrics_history.append(metrics)
+            log.info(
+                "completed=%d queued=%d p99_latency_ms=%.1f slo_compliance=%.3f",
+                metrics.completed_requests,
+                metrics.queued_requests,
+                metrics.p99_latency_ms,
+                metrics.slo_compliance_rate,
+            )

@@ -1,0 +1,166 @@
+"""The seed API over the scripted backend: lifecycle, status, cancel, failover, switches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.scripted import ScriptedBackend, Timetable
+from cpsim import (
+    ControlPlaneConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    PDSeparationConfig,
+    RequestMetadata,
+    RequestStatus,
+)
+from cpsim.manager import ControlPlaneManager
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def manager(**kw) -> ControlPlaneManager:  # type: ignore[no-untyped-def]
+    kw.setdefault("backend", ScriptedBackend(Timetable(ttft_s=0.01, tpot_s=0.001)))
+    kw.setdefault("routing_strategy", "round_robin")
+    return ControlPlaneManager(**kw)
+
+
+def test_lifecycle_and_reports() -> None:
+    async def main() -> None:
+        cp = manager()
+        await cp.start()
+        await cp.register_instance(ExecutionInstance("a", max_concurrent_requests=2))
+        await cp.register_instance(ExecutionInstance("b", max_concurrent_requests=2))
+        ids = [await cp.submit_request(RequestMetadata(f"r{i}", num_prompt_tokens=10,
+                                                       max_tokens=5, slo_deadline_ms=5000))
+               for i in range(6)]
+        status = await cp.get_status()
+        assert status["running"] and status["available_instances"] == 2
+        assert status["pending_requests"] + status["running_requests"] == 6
+        for rid in ids:
+            assert await cp.wait_for_request(rid, timeout_s=5) is RequestStatus.COMPLETED
+        m = await cp.get_metrics()
+        assert m.completed_requests == 6 and m.slo_compliance_rate == 1.0
+        assert m.p99_latency_ms > 0 and m.throughput_tokens_per_s > 0
+        inst = await cp.get_instance_metrics("a")
+        assert {"active_requests", "avg_latency_ms", "is_healthy", "current_load"} <= inst.keys()
+        df = cp.get_request_records()
+        assert len(df) == 6 and set(df["instance_id"]) == {"a", "b"}
+        await cp.stop()
+        assert (await cp.get_status())["running"] is False
+
+    run(main())
+
+
+def test_cancel_running_aborts_in_backend() -> None:
+    async def main() -> None:
+        backend = ScriptedBackend(Timetable(ttft_s=0.5))
+        cp = manager(backend=backend)
+        await cp.start()
+        await cp.register_instance(ExecutionInstance("a"))
+        rid = await cp.submit_request(RequestMetadata("slow", max_tokens=10))
+        assert await cp.get_request_status(rid) is RequestStatus.RUNNING
+        assert await cp.cancel_request(rid)
+        assert await cp.get_request_status(rid) is RequestStatus.CANCELLED
+        assert [a.request_id for a in backend.aborted] == ["slow"]
+        assert not await cp.cancel_request(rid)
+        await cp.stop()
+
+    run(main())
+
+
+def test_failed_instance_requeues_elsewhere_and_is_unhealthy() -> None:
+    async def main() -> None:
+        backend = ScriptedBackend(Timetable(ttft_s=0.2))
+        cp = manager(backend=backend)
+        await cp.start()
+        await cp.register_instance(ExecutionInstance("a"))
+        await cp.register_instance(ExecutionInstance("b"))
+        ids = [await cp.submit_request(RequestMetadata(f"r{i}")) for i in range(4)]
+        backend.fail_instance("a")
+        for rid in ids:
+            assert await cp.wait_for_request(rid, timeout_s=5) is RequestStatus.COMPLETED
+        df = cp.get_request_records()
+        assert set(df["instance_id"]) == {"b"}
+        assert (await cp.get_instance_metrics("a"))["is_healthy"] is False
+        await cp.stop()
+
+    run(main())
+
+
+def test_stop_cancels_everything_left() -> None:
+    async def main() -> None:
+        cp = manager(backend=ScriptedBackend(Timetable(ttft_s=10.0)))
+        await cp.start()
+        await cp.register_instance(ExecutionInstance("a", max_concurrent_requests=1))
+        for i in range(3):
+            await cp.submit_request(RequestMetadata(f"r{i}"))
+        await cp.stop()
+        df = cp.get_request_records()
+        assert sorted(df["status"]) == ["CANCELLED"] * 3
+        assert await cp.get_request_status("r2") is RequestStatus.CANCELLED
+
+    run(main())
+
+
+def test_queue_overflow_is_rejected() -> None:
+    async def main() -> None:
+        cp = manager(config=ControlPlaneConfig(max_queue_len=1))
+        await cp.start()
+        await cp.submit_request(RequestMetadata("r0"))
+        await cp.submit_request(RequestMetadata("r1"))
+        assert await cp.get_request_status("r1") is RequestStatus.REJECTED
+        assert "max_queue_len=1" in (cp.get_request_reason("r1") or "")
+        with pytest.raises(ValueError, match="already"):
+            await cp.submit_request(RequestMetadata("r1"))
+        await cp.stop()
+
+    run(main())
+
+
+def test_switches_at_run_time() -> None:
+    async def main() -> None:
+        cp = manager()
+        await cp.start()
+        cp.router.routing_strategy = "random"
+        assert (await cp.get_status())["routing_strategy"] == "random"
+        with pytest.raises(ValueError, match="unknown routing_strategy 'nope'"):
+            cp.router.routing_strategy = "nope"
+        with pytest.raises(ValueError, match="unknown scheduling_policy 'nope'"):
+            await cp.update_policy("nope")
+        a, b = ExecutionInstance("a"), ExecutionInstance("b")
+        picked = cp.load_balancer.select_instance([a, b], algorithm="round_robin")
+        assert picked in (a, b)
+        await cp.stop()
+
+    run(main())
+
+
+def test_unknown_names_rejected_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown scheduling_policy 'magic'; allowed: "):
+        ControlPlaneManager(scheduling_policy="magic")
+    with pytest.raises(ValueError, match="unknown routing_strategy 'magic'"):
+        ControlPlaneManager(routing_strategy="magic")
+
+
+def test_pd_separation_over_scripted_backend() -> None:
+    async def main() -> None:
+        cp = manager(
+            enable_pd_separation=True,
+            pd_config=PDSeparationConfig(enabled=True, prefilling_threshold_input_tokens=800),
+        )
+        await cp.start()
+        await cp.register_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING))
+        await cp.register_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING))
+        await cp.submit_request(RequestMetadata("long", num_prompt_tokens=2000, max_tokens=4))
+        await cp.submit_request(RequestMetadata("short", num_prompt_tokens=100, max_tokens=4))
+        await cp.drain(timeout_s=5)
+        df = cp.get_request_records().set_index("request_id")
+        assert (df.loc["long", "prefill_instance_id"], df.loc["long", "decode_instance_id"]) == ("p", "d")
+        assert df.loc["short", "instance_id"] == "d" and df.loc["short", "prefill_instance_id"] is None
+        await cp.stop()
+
+    run(main())
