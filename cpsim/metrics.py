@@ -108,7 +108,7 @@ class RecordStore:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in RECORD_COLUMNS})
         frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
         for name in _CATEGORICAL:
-            frame[name] = frame[name].astype(str).replace({"None": None}).astype("category")
+            frame[name] = frame[name].astype(object).astype("category")
         return frame
 
 

@@ -45,7 +45,8 @@ class Router(Protocol):
     """Picks one instance for a request among candidates that already fit it (healthy,
     serving its model and phase, with capacity). Returns None to leave it queued."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def route(
         self, request: RequestView, candidates: Sequence[InstanceView], now: float
@@ -62,7 +63,8 @@ class SchedulingPolicy(Protocol):
     that completes, with whether it met its SLO (None without one).
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def order(
         self, queue: Sequence[RequestView], instances: Sequence[InstanceView], now: float
@@ -83,7 +85,8 @@ class SchedulingPolicy(Protocol):
 class PDPolicy(Protocol):
     """Decides whether a request's prefill runs on a separate prefill instance."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def disaggregate(
         self, request: RequestView, instances: Sequence[InstanceView], now: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pandas as pd
 import pytest
 
 from backends.scripted import ScriptedBackend, Timetable
@@ -159,8 +160,9 @@ def test_pd_separation_over_scripted_backend() -> None:
         await cp.submit_request(RequestMetadata("short", num_prompt_tokens=100, max_tokens=4))
         await cp.drain(timeout_s=5)
         df = cp.get_request_records().set_index("request_id")
-        assert (df.loc["long", "prefill_instance_id"], df.loc["long", "decode_instance_id"]) == ("p", "d")
-        assert df.loc["short", "instance_id"] == "d" and df.loc["short", "prefill_instance_id"] is None
+        long, short = df.loc["long"], df.loc["short"]
+        assert (long["prefill_instance_id"], long["decode_instance_id"]) == ("p", "d")
+        assert short["instance_id"] == "d" and pd.isna(short["prefill_instance_id"])
         await cp.stop()
 
     run(main())

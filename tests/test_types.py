@@ -55,7 +55,8 @@ def test_priority_accepts_names_and_orders_critical_first() -> None:
     assert RequestMetadata("r", priority="high").priority is RequestPriority.HIGH
     assert sorted([RequestPriority.LOW, RequestPriority.CRITICAL])[0] is RequestPriority.CRITICAL
     assert RequestStatus.COMPLETED.is_terminal and not RequestStatus.RUNNING.is_terminal
-    assert RequestMetadata("r", parallelism_hint="hybrid").parallelism_hint is ParallelismType.HYBRID
+    hinted = RequestMetadata("r", parallelism_hint="hybrid")
+    assert hinted.parallelism_hint is ParallelismType.HYBRID
 
 
 @pytest.mark.parametrize(
