@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation policies: whether a prompt is prefilled on a prefill instance."""

@@ -1,0 +1,43 @@
+"""Orderings shared by routers and policies: least loaded first, the parallelism hint on ties."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cpsim.types import ParallelismType
+from cpsim.views import InstanceView
+
+
+def outstanding_frac(view: InstanceView) -> float:
+    """Outstanding requests (ours or the engine's count, the larger) over capacity."""
+    return view.outstanding / view.max_concurrent_requests
+
+
+def load_key(view: InstanceView) -> tuple[float, int, float]:
+    """Smaller is less loaded: outstanding work over capacity, then prompt tokens still
+    waiting for prefill, then KV-cache usage."""
+    return (outstanding_frac(view), view.pending_prefill_tokens, view.kv_cache_usage_frac)
+
+
+def hint_miss(view: InstanceView, hint: ParallelismType | None) -> int:
+    """0 when the instance has the hinted parallelism (or there is no hint), else 1."""
+    return 0 if hint is None or hint in view.parallelism_types() else 1
+
+
+def pick_min(
+    candidates: Sequence[InstanceView],
+    key: Callable[[InstanceView], Any],
+    hint: ParallelismType | None,
+) -> InstanceView | None:
+    """The candidate with the smallest ``key``; among equal keys the one matching the
+    hint, then the earliest in ``candidates``."""
+    if not candidates:
+        return None
+    return min(candidates, key=lambda v: (key(v), hint_miss(v, hint)))
+
+
+def pick_least_loaded(
+    candidates: Sequence[InstanceView], hint: ParallelismType | None
+) -> InstanceView | None:
+    return pick_min(candidates, load_key, hint)
