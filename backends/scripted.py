@@ -1,4 +1,4 @@
-"""A backend that plays each dispatch out on a fixed timetable, for testing drivers without engines."""
+"""A backend that plays each dispatch out on a fixed timetable, to test drivers sans engines."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class ScriptedBackend:
 
     name = "scripted"
 
-    def __init__(self, timetable: Timetable | None = None, snapshot_interval_s: float = 0.05) -> None:
+    def __init__(
+        self, timetable: Timetable | None = None, snapshot_interval_s: float = 0.05
+    ) -> None:
         check_positive("snapshot_interval_s", snapshot_interval_s)
         self.timetable = timetable or Timetable()
         self.snapshot_interval_s = snapshot_interval_s
@@ -127,6 +129,11 @@ class ScriptedBackend:
             now = self._clock()
             for iid in list(self._instances):
                 running = self.in_flight(iid)
-                snap = InstanceSnapshot(iid, now, num_running=running, num_waiting=0,
-                                        kv_cache_usage_frac=min(1.0, running / 64))
+                snap = InstanceSnapshot(
+                    iid,
+                    now,
+                    num_running=running,
+                    num_waiting=0,
+                    kv_cache_usage_frac=min(1.0, running / 64),
+                )
                 self._events.on_snapshot(snap, now)

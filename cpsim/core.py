@@ -364,7 +364,11 @@ class ControlPlane:
     def _phase_for(self, rview: RequestView, views: dict[str, InstanceView], now: float) -> Phase:
         if self.pd_policy is None:
             return Phase.FULL
-        return Phase.PREFILL if self.pd_policy.disaggregate(rview, list(views.values()), now) else Phase.FULL
+        return (
+            Phase.PREFILL
+            if self.pd_policy.disaggregate(rview, list(views.values()), now)
+            else Phase.FULL
+        )
 
     def _candidates(
         self, rview: RequestView, phase: Phase, views: dict[str, InstanceView]

@@ -76,11 +76,15 @@ class InstanceState:
             return
         self._advance(now)
         del self.in_flight[req.view.request_id]
-        req.cost_usd += self.instance.cost_per_hour / 3600.0 * (
-            self.cost_share_s - req.cost_share_start
+        req.cost_usd += (
+            self.instance.cost_per_hour / 3600.0 * (self.cost_share_s - req.cost_share_start)
         )
         self._clear_prefill(req)
-        if req.first_token_s is not None and req.num_output_tokens > 1 and req.phase is not Phase.PREFILL:
+        if (
+            req.first_token_s is not None
+            and req.num_output_tokens > 1
+            and req.phase is not Phase.PREFILL
+        ):
             start = req.first_token_s
             self.recent_tpot_ms = _ewma(
                 self.recent_tpot_ms, 1000.0 * (now - start) / (req.num_output_tokens - 1)

@@ -1,4 +1,4 @@
-"""Latency prediction for policies, and the step-pricing interface the simulator's profiles implement."""
+"""Latency prediction for policies, and the step pricing that the simulator's profiles do."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ class ObservedLatencyModel:
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
         ttft_ms = instance.recent_ttft_ms
         base_ttft_s = (self.default_ttft_ms if ttft_ms is None else ttft_ms) / 1000.0
-        ahead_s = (instance.pending_prefill_tokens + request.num_prompt_tokens) / self.prefill_tokens_per_s
+        ahead_s = (
+            instance.pending_prefill_tokens + request.num_prompt_tokens
+        ) / self.prefill_tokens_per_s
         tpot_ms = instance.recent_tpot_ms
         tpot_s = (self.default_tpot_ms if tpot_ms is None else tpot_ms) / 1000.0
         return LatencyEstimate(ttft_s=base_ttft_s + ahead_s, tpot_s=tpot_s)

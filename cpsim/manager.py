@@ -243,7 +243,9 @@ class ControlPlaneManager:
         """Queue a request; returns its id. A full queue rejects it (status REJECTED)."""
         rid = metadata.request_id
         if rid in self._finished:
-            raise ValueError(f"request_id={rid!r} was already submitted; request ids must be unique")
+            raise ValueError(
+                f"request_id={rid!r} was already submitted; request ids must be unique"
+            )
         self.core.on_arrival(metadata, self._now())
         self._pump()
         return rid
@@ -269,7 +271,9 @@ class ControlPlaneManager:
         self._pump()
         return True
 
-    async def wait_for_request(self, request_id: str, timeout_s: float | None = None) -> RequestStatus:
+    async def wait_for_request(
+        self, request_id: str, timeout_s: float | None = None
+    ) -> RequestStatus:
         """Wait until the request is terminal; returns its final status."""
         done = self._finished.get(request_id)
         if done is not None:
@@ -282,6 +286,7 @@ class ControlPlaneManager:
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no request is queued or running."""
+
         async def _wait() -> None:
             while self.core.num_active:
                 await asyncio.sleep(0.005)
@@ -317,7 +322,10 @@ class ControlPlaneManager:
         self._pump()
 
     def _instance_states(self) -> Mapping[str, Any]:
-        return {v.instance_id: self.core.instance_state(v.instance_id) for v in self.core.instance_views()}
+        return {
+            v.instance_id: self.core.instance_state(v.instance_id)
+            for v in self.core.instance_views()
+        }
 
     # ------------------------------------------------------------------ engine events
     def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
@@ -384,7 +392,11 @@ class ControlPlaneManager:
         except Exception as exc:  # a backend error must not lose the request
             log.exception("backend failed to dispatch %s", dispatch.request_id)
             self.core.on_failure(
-                dispatch.request_id, self._now(), f"dispatch error: {exc}", True, dispatch.instance_id
+                dispatch.request_id,
+                self._now(),
+                f"dispatch error: {exc}",
+                True,
+                dispatch.instance_id,
             )
 
     def _on_terminal(self, req: RequestState) -> None:

@@ -44,8 +44,16 @@ RECORD_COLUMNS = (
     "policy",
     "attempts",
 )
-_CATEGORICAL = ("user_id", "priority", "status", "reason", "instance_id",
-                "prefill_instance_id", "decode_instance_id", "policy")
+_CATEGORICAL = (
+    "user_id",
+    "priority",
+    "status",
+    "reason",
+    "instance_id",
+    "prefill_instance_id",
+    "decode_instance_id",
+    "policy",
+)
 _NAN = float("nan")
 
 
@@ -71,7 +79,7 @@ class RecordStore:
         self._total = 0
 
     def append(self, row: Mapping[str, Any], extras: Mapping[str, float]) -> None:
-        for name, value in extras.items():
+        for name in extras:
             if name not in self._cols:
                 self._cols[name] = [_NAN] * self._rows
                 self._extra_names.append(name)
@@ -179,7 +187,9 @@ class MetricsCollector:
             "slo_deadline_ms": _NAN if v.slo_deadline_ms is None else v.slo_deadline_ms,
             "slo_met": slo_met,
             "cost_usd": req.cost_usd,
-            "predicted_cost_usd": _NAN if req.predicted_cost_usd is None else req.predicted_cost_usd,
+            "predicted_cost_usd": _NAN
+            if req.predicted_cost_usd is None
+            else req.predicted_cost_usd,
             "policy": req.policy_used,
             "attempts": req.attempts,
         }
@@ -245,7 +255,9 @@ def summarize(
     with_slo = df[df["slo_met"].notna()]
     met = int(with_slo["slo_met"].astype(bool).sum())
     violations = len(with_slo) - met
-    good = len(done) - int((done["slo_met"].notna() & ~done["slo_met"].fillna(True).astype(bool)).sum())
+    good = len(done) - int(
+        (done["slo_met"].notna() & ~done["slo_met"].fillna(True).astype(bool)).sum()
+    )
     window = window_s if window_s > 0 else 0.0
     return PerformanceMetrics(
         total_requests=len(df) + num_active,

@@ -1,4 +1,4 @@
-"""Model specifications (sizes that decide memory, FLOPs and KV-cache bytes), loaded from data files."""
+"""Model specifications (the sizes behind memory, FLOPs and KV bytes), loaded from data files."""
 
 from __future__ import annotations
 
@@ -36,10 +36,20 @@ class ModelSpec:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for f in ("num_params", "num_layers", "hidden_size", "num_attention_heads",
-                  "num_kv_heads", "vocab_size", "intermediate_size", "num_experts",
-                  "num_experts_per_token", "bytes_per_param", "kv_bytes_per_elem",
-                  "max_context_tokens"):
+        for f in (
+            "num_params",
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_kv_heads",
+            "vocab_size",
+            "intermediate_size",
+            "num_experts",
+            "num_experts_per_token",
+            "bytes_per_param",
+            "kv_bytes_per_elem",
+            "max_context_tokens",
+        ):
             check_positive(f, getattr(self, f))
         if self.num_active_params is None:
             object.__setattr__(self, "num_active_params", self.num_params)
@@ -74,8 +84,11 @@ class ModelSpec:
 
 
 def available_models() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("cpsim").joinpath(_DATA).iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("cpsim").joinpath(_DATA).iterdir()
+        if p.name.endswith(".json")
+    )
 
 
 @cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -98,7 +97,9 @@ class RequestMetadata:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id={self.request_id!r} must be a non-empty string")
-        object.__setattr__(self, "priority", coerce_enum(RequestPriority, self.priority, "priority"))
+        object.__setattr__(
+            self, "priority", coerce_enum(RequestPriority, self.priority, "priority")
+        )
         if self.parallelism_hint is not None:
             hint = coerce_enum(ParallelismType, self.parallelism_hint, "parallelism_hint")
             object.__setattr__(self, "parallelism_hint", hint)
@@ -324,5 +325,3 @@ class PerformanceMetrics:
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-

@@ -1,4 +1,4 @@
-"""Checks at the edges: each raises ValueError naming the field, the bad value and what is allowed."""
+"""Checks at the edges: each raises ValueError naming the field, the bad value and what is OK."""
 
 from __future__ import annotations
 
@@ -43,4 +43,5 @@ def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
     try:
         return registry[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(sorted(registry))}") from None
+        allowed = ", ".join(sorted(registry))
+        raise ValueError(f"unknown {what} {name!r}; allowed: {allowed}") from None

@@ -1,4 +1,4 @@
-"""Frozen snapshots that policies and routers see: a request, an instance, and what a backend reports."""
+"""Frozen snapshots policies see: a request, an instance, and what a backend reports."""
 
 from __future__ import annotations
 

@@ -156,7 +156,11 @@ def test_pd_handoff_names_both_instances() -> None:
     assert out["short"].phase is Phase.FULL and out["short"].instance_id == "d"
     cp.on_prefill_done("long", 0.5, "p")
     (handoff,) = cp.dispatch(0.5)
-    assert (handoff.phase, handoff.instance_id, handoff.source_instance_id) == (Phase.DECODE, "d", "p")
+    assert (handoff.phase, handoff.instance_id, handoff.source_instance_id) == (
+        Phase.DECODE,
+        "d",
+        "p",
+    )
     assert cp.instance_state("p").view().in_flight == 0
     cp.on_first_token("long", 0.6, "d")
     cp.on_finish("long", 1.0, 8, "d")
@@ -202,7 +206,9 @@ class CoreMachine(RuleBasedStateMachine):
     def add_instance(self, kind: ExecutionInstanceType, cap: int) -> None:
         self.k += 1
         iid = f"i{self.k}"
-        self.cp.add_instance(ExecutionInstance(iid, instance_type=kind, max_concurrent_requests=cap), self.tick())
+        self.cp.add_instance(
+            ExecutionInstance(iid, instance_type=kind, max_concurrent_requests=cap), self.tick()
+        )
         self.instances.add(iid)
 
     @precondition(lambda self: self.instances)
@@ -228,7 +234,10 @@ class CoreMachine(RuleBasedStateMachine):
             assert self.cp.status(d.request_id) is RequestStatus.RUNNING
 
     @precondition(lambda self: self.cp.num_active)
-    @rule(data=st.data(), event=st.sampled_from(["first", "tokens", "prefill", "finish", "fail", "cancel"]))
+    @rule(
+        data=st.data(),
+        event=st.sampled_from(["first", "tokens", "prefill", "finish", "fail", "cancel"]),
+    )
     def engine_event(self, data: st.DataObject, event: str) -> None:
         rid = data.draw(st.sampled_from(sorted(self.cp.active_ids())))
         now = self.tick()
@@ -282,6 +291,8 @@ class CoreMachine(RuleBasedStateMachine):
 
 TestCoreMachine = CoreMachine.TestCase
 TestCoreMachine.settings = settings(
-    max_examples=100, stateful_step_count=30, deadline=None,
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

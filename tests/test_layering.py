@@ -8,8 +8,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY_FORBIDDEN = {"simpy", "asyncio", "vllm", "time", "random", "threading", "backends",
-                    "experiments", "aiohttp", "httpx", "requests"}
+POLICY_FORBIDDEN = {
+    "simpy",
+    "asyncio",
+    "vllm",
+    "time",
+    "random",
+    "threading",
+    "backends",
+    "experiments",
+    "aiohttp",
+    "httpx",
+    "requests",
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -45,7 +56,9 @@ def core_rule(path: Path, name: str) -> str | None:
     if path.name == "manager.py":
         return "the facade may not import experiments" if top(name) == "experiments" else None
     if top(name) in {"policies", "backends", "experiments"}:
-        return "cpsim/ must not import policies, backends or experiments (only cpsim/manager.py may)"
+        return (
+            "cpsim/ must not import policies, backends or experiments (only cpsim/manager.py may)"
+        )
     return None
 
 

@@ -35,9 +35,12 @@ def test_lifecycle_and_reports() -> None:
         await cp.start()
         await cp.register_instance(ExecutionInstance("a", max_concurrent_requests=2))
         await cp.register_instance(ExecutionInstance("b", max_concurrent_requests=2))
-        ids = [await cp.submit_request(RequestMetadata(f"r{i}", num_prompt_tokens=10,
-                                                       max_tokens=5, slo_deadline_ms=5000))
-               for i in range(6)]
+        ids = [
+            await cp.submit_request(
+                RequestMetadata(f"r{i}", num_prompt_tokens=10, max_tokens=5, slo_deadline_ms=5000)
+            )
+            for i in range(6)
+        ]
         status = await cp.get_status()
         assert status["running"] and status["available_instances"] == 2
         assert status["pending_requests"] + status["running_requests"] == 6
@@ -154,8 +157,12 @@ def test_pd_separation_over_scripted_backend() -> None:
             pd_config=PDSeparationConfig(enabled=True, prefilling_threshold_input_tokens=800),
         )
         await cp.start()
-        await cp.register_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING))
-        await cp.register_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING))
+        await cp.register_instance(
+            ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING)
+        )
+        await cp.register_instance(
+            ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING)
+        )
         await cp.submit_request(RequestMetadata("long", num_prompt_tokens=2000, max_tokens=4))
         await cp.submit_request(RequestMetadata("short", num_prompt_tokens=100, max_tokens=4))
         await cp.drain(timeout_s=5)

@@ -76,8 +76,13 @@ def test_execution_instance_rejects(kwargs: dict, fragment: str) -> None:
 
 
 def test_execution_instance_defaults() -> None:
-    inst = ExecutionInstance("a", tensor_parallel_size=2, pipeline_parallel_size=2,
-                             data_parallel_size=2, instance_type="prefilling")
+    inst = ExecutionInstance(
+        "a",
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        data_parallel_size=2,
+        instance_type="prefilling",
+    )
     assert inst.gpu_count == 8
     assert inst.instance_type is ExecutionInstanceType.PREFILLING
     assert inst.endpoint == "http://localhost:8000"

@@ -1,0 +1,284 @@
+"""The SimPy driver: arrivals, replica processes, scrapes and the control plane in virtual time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import simpy
+from tqdm import tqdm
+
+from backends.sim.faults import Fault
+from backends.sim.process import ReplicaProcess
+from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
+from cpsim.core import ControlPlane, Dispatch
+from cpsim.latency import StepLatencyModel
+from cpsim.models import ModelSpec
+from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestMetadata
+from cpsim.validation import check_non_negative, check_positive
+from cpsim.views import InstanceSnapshot, Phase
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One simulated engine: what the control plane registers, how its steps are priced,
+    the model it holds (for KV bytes), its scheduler settings and its faults."""
+
+    instance: ExecutionInstance
+    latency: StepLatencyModel
+    model: ModelSpec
+    num_gpu_blocks: int
+    config: ReplicaConfig = field(default_factory=ReplicaConfig)
+    faults: tuple[Fault, ...] = ()
+
+
+@dataclass(frozen=True)
+class KVLink:
+    """The link a PD hand-off moves the KV cache over: bytes x 8 / (Gbit/s) + latency."""
+
+    bandwidth_gbps: float = 100.0
+    latency_ms: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive("bandwidth_gbps", self.bandwidth_gbps)
+        check_non_negative("latency_ms", self.latency_ms)
+
+    def transfer_s(self, num_bytes: float) -> float:
+        return self.latency_ms / 1000.0 + num_bytes * 8.0 / (self.bandwidth_gbps * 1e9)
+
+
+@dataclass
+class RunResult:
+    """What a simulation produced: one row per request, per-instance time series sampled at
+    each scrape, the summary, and how long it took in virtual and wall seconds."""
+
+    requests: pd.DataFrame
+    instances: pd.DataFrame
+    metrics: PerformanceMetrics
+    sim_time_s: float
+    wall_time_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _SeriesRecorder:
+    """Per-instance samples at scrape times, by column."""
+
+    COLUMNS = (
+        "time_s",
+        "instance_id",
+        "num_running",
+        "num_waiting",
+        "in_flight",
+        "kv_cache_usage_frac",
+        "gpu_utilization_frac",
+        "queued_global",
+    )
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {c: [] for c in self.COLUMNS}
+
+    def add(self, snap: InstanceSnapshot, in_flight: int, queued: int) -> None:
+        c = self.cols
+        c["time_s"].append(snap.time_s)
+        c["instance_id"].append(snap.instance_id)
+        c["num_running"].append(snap.num_running)
+        c["num_waiting"].append(snap.num_waiting)
+        c["in_flight"].append(in_flight)
+        c["kv_cache_usage_frac"].append(snap.kv_cache_usage_frac)
+        c["gpu_utilization_frac"].append(snap.gpu_utilization_frac)
+        c["queued_global"].append(queued)
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.cols)
+        df["instance_id"] = df["instance_id"].astype("category")
+        return df
+
+
+def sim_request_for(d: Dispatch, config: ReplicaConfig, now: float) -> SimRequest:
+    """The replica-level request of a dispatch (PREFILL: one token; DECODE: prompt KV
+    arrives by transfer); prefix hashes only where the replica caches prefixes."""
+    req = SimRequest.from_metadata(d.request, d.phase, config.block_size, arrival_time_s=now)
+    if not config.enable_prefix_caching:
+        req.block_hashes = ()
+    return req
+
+
+class ClusterSimulation:
+    """Runs a workload through a ControlPlane over simulated replicas.
+
+    Engine events reach the control plane at their virtual time and every event that may
+    free capacity triggers a dispatch pass; what policies see of the engines is refreshed
+    every ``scrape_interval_s`` (the control plane's own in-flight counts stay exact)."""
+
+    def __init__(
+        self,
+        replicas: Sequence[ReplicaSpec],
+        control_plane: ControlPlane,
+        scrape_interval_s: float = 0.5,
+        kv_link: KVLink | None = None,
+        record_series: bool = True,
+        progress: bool | None = None,
+        drain_timeout_s: float = 3600.0,
+    ) -> None:
+        check_positive("scrape_interval_s", scrape_interval_s)
+        check_positive("drain_timeout_s", drain_timeout_s)
+        if not replicas:
+            raise ValueError("replicas=[] is not allowed; a simulation needs at least one replica")
+        self.env = simpy.Environment()
+        self.cp = control_plane
+        self.scrape_interval_s = scrape_interval_s
+        self.kv_link = kv_link or KVLink()
+        self.progress = progress
+        self.drain_timeout_s = drain_timeout_s
+        self.series = _SeriesRecorder() if record_series else None
+        self.specs = {s.instance.instance_id: s for s in replicas}
+        self.procs: dict[str, ReplicaProcess] = {}
+        for spec in replicas:
+            replica = SimReplica(
+                spec.instance.instance_id, spec.config, spec.latency, spec.num_gpu_blocks
+            )
+            proc = ReplicaProcess(self.env, replica, self)
+            for fault in spec.faults:
+                proc.add_fault(fault)
+            self.procs[spec.instance.instance_id] = proc
+            self.cp.add_instance(spec.instance, 0.0)
+        self._arrivals_done = False
+        self._done = self.env.event()
+        self.cp.terminal_listeners.append(self._on_terminal)
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self, requests: Iterable[tuple[float, RequestMetadata]], total: int | None = None
+    ) -> RunResult:
+        wall0 = time.perf_counter()
+        bar = self._bar(total)
+        self.env.process(self._arrivals(iter(requests), bar))
+        self.env.process(self._scrapes())
+        self.env.run(until=self._done)
+        if bar is not None:
+            bar.close()
+        end = self.env.now
+        metrics = self.cp.metrics.summary(end, self._instance_states())
+        return RunResult(
+            requests=self.cp.metrics.records(),
+            instances=self.series.frame() if self.series else pd.DataFrame(),
+            metrics=metrics,
+            sim_time_s=end,
+            wall_time_s=time.perf_counter() - wall0,
+        )
+
+    def _bar(self, total: int | None) -> Any:
+        show = self.progress if self.progress is not None else (total or 0) >= 50_000
+        if not show:
+            return None
+        return tqdm(total=total, unit="req", desc="simulating", mininterval=1.0, leave=False)
+
+    def _arrivals(self, stream: Iterator[tuple[float, RequestMetadata]], bar: Any) -> Any:
+        env, cp = self.env, self.cp
+        n = 0
+        for arrival_s, meta in stream:
+            if arrival_s > env.now:
+                yield env.timeout(arrival_s - env.now)
+            cp.on_arrival(meta, env.now)
+            self._dispatch()
+            n += 1
+            if bar is not None and n % 1024 == 0:
+                bar.update(1024)
+        if bar is not None:
+            bar.update(n % 1024)
+        self._arrivals_done = True
+        self._check_done()
+        deadline = env.now + self.drain_timeout_s
+        while not self._done.triggered and env.now < deadline:
+            yield env.timeout(min(self.scrape_interval_s * 20, deadline - env.now))
+        if not self._done.triggered:
+            self.cp.fail_all(
+                env.now, f"simulation ended {self.drain_timeout_s} s after the last arrival"
+            )
+            self._done.succeed()
+
+    def _scrapes(self) -> Any:
+        env, cp = self.env, self.cp
+        while not self._done.triggered:
+            now = env.now
+            queued = cp.num_queued
+            for iid, proc in self.procs.items():
+                snap = proc.snapshot(now)
+                cp.on_instance_update(snap, now)
+                if self.series is not None:
+                    self.series.add(snap, len(cp.instance_state(iid).in_flight), queued)
+            yield env.timeout(self.scrape_interval_s)
+
+    def _on_terminal(self, _req: Any) -> None:
+        if self._arrivals_done:
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if self._arrivals_done and self.cp.num_active == 0 and not self._done.triggered:
+            self._done.succeed()
+
+    def _instance_states(self) -> Mapping[str, Any]:
+        return {iid: self.cp.instance_state(iid) for iid in self.procs}
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self) -> None:
+        for d in self.cp.dispatch(self.env.now):
+            self._start(d)
+
+    def _start(self, d: Dispatch) -> None:
+        spec = self.specs[d.instance_id]
+        req = sim_request_for(d, spec.config, self.env.now)
+        proc = self.procs[d.instance_id]
+        if d.phase is Phase.DECODE:
+            delay_s = self.kv_link.transfer_s(
+                d.request.prompt_tokens * spec.model.kv_bytes_per_token()
+            )
+            self.env.process(self._handoff(proc, req, d.phase, delay_s))
+        else:
+            proc.submit(req, d.phase)
+
+    def _handoff(self, proc: ReplicaProcess, req: SimRequest, phase: Phase, delay_s: float) -> Any:
+        yield self.env.timeout(delay_s)
+        proc.submit(req, phase)
+
+    # ------------------------------------------------------------------ engine events
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self.cp.on_first_token(request_id, now, instance_id)
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self.cp.on_tokens(request_id, num_tokens, now, instance_id)
+
+    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
+        self.cp.on_prefill_done(request_id, now, instance_id)
+        self._dispatch()
+
+    def on_finish(
+        self,
+        request_id: str,
+        instance_id: str,
+        num_output_tokens: int,
+        now: float,
+        extras: Mapping[str, float] | None = None,
+    ) -> None:
+        self.cp.on_finish(request_id, now, num_output_tokens, instance_id, dict(extras or {}))
+        self._dispatch()
+
+    def on_failure(
+        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
+    ) -> None:
+        self.cp.on_failure(request_id, now, reason, retryable, instance_id)
+        self._dispatch()
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        self.cp.on_instance_failure(instance_id, now, reason)
+        self._dispatch()
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        self.cp.set_instance_health(instance_id, True)
+        self._dispatch()
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self.cp.on_instance_update(snapshot, now)

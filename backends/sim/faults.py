@@ -1,0 +1,39 @@
+"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, at a given time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cpsim.validation import check_choice, check_non_negative, check_positive
+
+FaultKind = Literal["crash", "stall", "slowdown"]
+FAULT_KINDS = ("crash", "stall", "slowdown")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """``kind`` at ``at_s`` (simulated seconds) for ``duration_s`` (None: for good).
+
+    crash: every request on the replica is lost (the control plane is told once, with
+    ``on_instance_failure``) and the replica comes back empty after ``duration_s``;
+    stall: no progress for ``duration_s`` (a step in flight finishes that much later;
+    snapshots go on); slowdown: step times are multiplied by ``factor`` meanwhile."""
+
+    kind: FaultKind
+    at_s: float
+    duration_s: float | None = None
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, FAULT_KINDS)
+        check_non_negative("at_s", self.at_s)
+        if self.duration_s is not None:
+            check_positive("duration_s", self.duration_s)
+        check_positive("factor", self.factor)
+        if self.kind == "slowdown" and self.factor < 1.0:
+            raise ValueError(f"factor={self.factor!r} is not allowed; a slowdown needs factor >= 1")
+
+    @property
+    def end_s(self) -> float:
+        return float("inf") if self.duration_s is None else self.at_s + self.duration_s

@@ -1,0 +1,237 @@
+"""Profiled step latency: a linear model over batch features, saved as conf/profile/*.yaml."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+
+from cpsim.latency import StepBatch, StepLatencyModel
+from cpsim.protocols import LatencyEstimate
+from cpsim.validation import check_positive
+from cpsim.views import InstanceView, RequestView
+
+#: The terms of the linear model, in seconds per unit of the named feature.
+TERMS = (
+    "step_s",  # every non-empty step (CPU scheduling, kernel launches, weight reads)
+    "prefill_step_s",  # added when the step computes prefill tokens
+    "prefill_token_s",  # per prefill token (the linear layers)
+    "prefill_token_sq_s",  # per squared prefill chunk length (attention within the chunk)
+    "prefill_context_token_s",  # per context token a prefill chunk attends to
+    "decode_seq_s",  # per decoding sequence
+    "decode_context_token_s",  # per context token the decoding sequences attend to
+)
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "profile"
+
+
+def _check_coefficients(name: str, coefficients: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(coefficients) - set(TERMS))
+    if unknown:
+        raise ValueError(f"{name} has unknown terms {unknown}; allowed: {', '.join(TERMS)}")
+    out = {term: float(coefficients.get(term, 0.0)) for term in TERMS}
+    for term, value in out.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name}[{term!r}]={value!r} must be a finite number of seconds")
+    return out
+
+
+class ProfiledLatencyModel:
+    """Step time = a linear model over StepBatch features, fitted on a real engine.
+
+    ``coefficients`` maps each term of TERMS to seconds per unit (missing terms are 0). When
+    ``large_batch_coefficients`` is given, steps with at least ``large_batch_min_decode_seqs``
+    decoding sequences use it instead (published profiles fit small and large decode batches
+    apart). A separate ``prefill_step_s`` exists because published fits price prefill-only
+    and decode-only steps with different constants. Prices a step (StepLatencyModel) and
+    predicts a request (LatencyModel)."""
+
+    def __init__(
+        self,
+        model: str,
+        hardware: str,
+        coefficients: Mapping[str, float],
+        engine: str = "vllm",
+        engine_version: str = "",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        large_batch_coefficients: Mapping[str, float] | None = None,
+        large_batch_min_decode_seqs: int | None = None,
+        max_num_batched_tokens: int = 8192,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_positive("tensor_parallel_size", tensor_parallel_size, integer=True)
+        check_positive("pipeline_parallel_size", pipeline_parallel_size, integer=True)
+        check_positive("max_num_batched_tokens", max_num_batched_tokens, integer=True)
+        if (large_batch_coefficients is None) != (large_batch_min_decode_seqs is None):
+            raise ValueError(
+                "large_batch_coefficients and large_batch_min_decode_seqs go together; "
+                f"got {large_batch_coefficients!r} and {large_batch_min_decode_seqs!r}"
+            )
+        if large_batch_min_decode_seqs is not None:
+            check_positive("large_batch_min_decode_seqs", large_batch_min_decode_seqs, integer=True)
+        self.model = model
+        self.hardware = hardware
+        self.engine = engine
+        self.engine_version = str(engine_version)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.pipeline_parallel_size = pipeline_parallel_size
+        self.coefficients = _check_coefficients("coefficients", coefficients)
+        self.large_batch_coefficients = (
+            None
+            if large_batch_coefficients is None
+            else _check_coefficients("large_batch_coefficients", large_batch_coefficients)
+        )
+        self.large_batch_min_decode_seqs = large_batch_min_decode_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.provenance = dict(provenance or {})
+        self._small = tuple(self.coefficients[t] for t in TERMS)
+        self._large = (
+            None
+            if self.large_batch_coefficients is None
+            else tuple(self.large_batch_coefficients[t] for t in TERMS)
+        )
+
+    def _terms(self, num_decode_seqs: int) -> tuple[float, ...]:
+        limit = self.large_batch_min_decode_seqs
+        if self._large is not None and limit is not None and num_decode_seqs >= limit:
+            return self._large
+        return self._small
+
+    def step_time_s(self, batch: StepBatch) -> float:
+        if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
+            return 0.0
+        step, pstep, ptok, psq, pctx, dseq, dctx = self._terms(batch.num_decode_seqs)
+        time_s = step + dseq * batch.num_decode_seqs + dctx * batch.decode_context_tokens
+        if batch.num_prefill_tokens:
+            time_s += (
+                pstep
+                + ptok * batch.num_prefill_tokens
+                + psq * batch.sum_sq_prefill_tokens
+                + pctx * batch.prefill_context_tokens
+            )
+        return max(0.0, time_s)
+
+    def decode_step_times_s(
+        self, num_decode_seqs: int, context_tokens: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        """Times of pure decode steps of ``num_decode_seqs`` sequences, one per context value."""
+        step, _, _, _, _, dseq, dctx = self._terms(num_decode_seqs)
+        times = (step + dseq * num_decode_seqs) + dctx * np.asarray(context_tokens, np.float64)
+        return np.maximum(times, 0.0)
+
+    def decode_step_linear_s(
+        self, num_decode_seqs: int, first_context_tokens: int, context_increment_tokens: int
+    ) -> tuple[float, float] | None:
+        """(a, b) with pure decode step i (from 0) costing exactly a + b*i, when the context
+        grows by ``context_increment_tokens`` per step; None where that form does not hold."""
+        if num_decode_seqs == 0:
+            return None
+        step, _, _, _, _, dseq, dctx = self._terms(num_decode_seqs)
+        first = step + dseq * num_decode_seqs + dctx * first_context_tokens
+        if first < 0.0 or dctx < 0.0:
+            return None
+        return first, dctx * context_increment_tokens
+
+    def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
+        return predict_from_steps(self, request, instance, self.max_num_batched_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile file's keys (equal to the constructor's arguments)."""
+        data: dict[str, Any] = {
+            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model": self.model,
+            "hardware": self.hardware,
+            "engine": self.engine,
+            "engine_version": self.engine_version,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "coefficients": dict(self.coefficients),
+        }
+        if self.large_batch_coefficients is not None:
+            data["large_batch_coefficients"] = dict(self.large_batch_coefficients)
+            data["large_batch_min_decode_seqs"] = self.large_batch_min_decode_seqs
+        data["provenance"] = dict(self.provenance)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProfiledLatencyModel:
+        args = {k: v for k, v in data.items() if k != "_target_"}
+        target = data.get("_target_", "cpsim.profiles.ProfiledLatencyModel")
+        if target != "cpsim.profiles.ProfiledLatencyModel":
+            raise ValueError(f"_target_={target!r}; allowed: cpsim.profiles.ProfiledLatencyModel")
+        try:
+            return cls(**args)
+        except TypeError as err:
+            raise ValueError(f"bad profile keys {sorted(args)}: {err}") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"ProfiledLatencyModel({self.model!r}, {self.hardware!r}, "
+            f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size})"
+        )
+
+
+def predict_from_steps(
+    model: StepLatencyModel,
+    request: RequestView,
+    instance: InstanceView,
+    max_num_batched_tokens: int = 8192,
+) -> LatencyEstimate:
+    """A request's latency from a step-pricing model. TTFT: the prefill work queued ahead
+    (``pending_prefill_tokens``) then this prompt, in budget-sized chunks, each step alongside
+    the instance's ``num_running`` decodes; TPOT: a decode step of ``num_running + 1``
+    sequences at this request's mid-generation context."""
+    running = instance.outstanding  # exact in-flight count when fresher than the scrape
+    context = request.num_prompt_tokens + request.max_tokens // 2
+    decode_context = running * context
+    chunk = max_num_batched_tokens
+    ttft_s = 0.0
+    work = ((instance.pending_prefill_tokens, False), (request.num_prompt_tokens, True))
+    for tokens, own in work:
+        done = 0
+        while done < tokens or (own and done == 0):
+            num = max(1, min(tokens - done, chunk))
+            context_before = done if own else 0
+            ttft_s += model.step_time_s(
+                StepBatch(num, num * num, context_before, 1, running, decode_context)
+            )
+            done += num
+    tpot_s = model.step_time_s(
+        StepBatch(num_decode_seqs=running + 1, decode_context_tokens=(running + 1) * context)
+    )
+    return LatencyEstimate(ttft_s=ttft_s, tpot_s=tpot_s)
+
+
+def available_profiles(directory: Path = PROFILE_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> ProfiledLatencyModel:
+    """A profile by short name (``vllm-opt-13b-a100-80gb-tp1``) from conf/profile/, or a path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        path = directory / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown profile {str(name_or_path)!r}; allowed: "
+                f"{', '.join(available_profiles(directory))}"
+            )
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"profile file {path} must hold a mapping, got {type(data).__name__}")
+    return ProfiledLatencyModel.from_dict(data)
+
+
+def save_profile(model: ProfiledLatencyModel, path: str | Path) -> Path:
+    """Write a profile file that ``load_profile`` and Hydra's instantiate read back."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
+    return out

@@ -1,0 +1,183 @@
+"""Turns a composed Hydra config into the objects of one simulation run (the only wiring place)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from backends.sim.cluster import ClusterSimulation, KVLink, ReplicaSpec, RunResult
+from backends.sim.faults import Fault
+from backends.sim.kv_capacity import num_kv_blocks
+from backends.sim.replica import ReplicaConfig
+from cpsim.core import ControlPlane, ControlPlaneConfig
+from cpsim.models import load_model_spec
+from cpsim.profiles import ProfiledLatencyModel
+from cpsim.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    PrefillingConfig,
+)
+from cpsim.validation import check_positive
+from cpsim.workload import Workload
+
+GROUP_KEYS = {
+    "name",
+    "count",
+    "instance_type",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "cost_per_gpu_hour",
+    "max_concurrent_requests",
+}
+
+
+@dataclass
+class RunSetup:
+    """Everything one run needs, built and not yet run."""
+
+    simulation: ClusterSimulation
+    workload: Workload
+    seed: int
+    labels: dict[str, str]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[ExecutionInstance]:
+    """One ExecutionInstance per replica of each group (``pd_groups`` when PD is on)."""
+    groups = cluster["pd_groups"] if pd_enabled else cluster["groups"]
+    replica = cluster.get("replica", {})
+    out: list[ExecutionInstance] = []
+    for group in groups:
+        unknown = set(group) - GROUP_KEYS
+        if unknown:
+            raise ValueError(
+                f"cluster group keys {sorted(unknown)} are unknown; allowed: {sorted(GROUP_KEYS)}"
+            )
+        check_positive("count", group["count"], integer=True)
+        for i in range(group["count"]):
+            out.append(
+                ExecutionInstance(
+                    instance_id=f"{group['name']}-{i}",
+                    model_name=cluster["model"],
+                    tensor_parallel_size=group.get("tensor_parallel_size", 1),
+                    pipeline_parallel_size=group.get("pipeline_parallel_size", 1),
+                    gpu_type=cluster["gpu_type"],
+                    gpu_memory_gb=cluster["gpu_memory_gb"],
+                    cost_per_gpu_hour=group["cost_per_gpu_hour"],
+                    max_concurrent_requests=group.get("max_concurrent_requests", 256),
+                    instance_type=group.get("instance_type", "general"),
+                    prefilling_config=PrefillingConfig(
+                        max_num_batched_tokens=replica.get("max_num_batched_tokens", 8192),
+                        enable_chunked_prefill=replica.get("enable_chunked_prefill", True),
+                    ),
+                    decoding_config=DecodingConfig(
+                        max_num_seqs=replica.get("max_num_seqs", 256),
+                        block_size=replica.get("block_size", 16),
+                        enable_prefix_caching=replica.get("enable_prefix_caching", True),
+                    ),
+                )
+            )
+    return out
+
+
+def build_replicas(
+    cluster: Mapping[str, Any],
+    profile: ProfiledLatencyModel,
+    pd_enabled: bool,
+    faults: list[Mapping[str, Any]] | None = None,
+) -> list[ReplicaSpec]:
+    model = load_model_spec(cluster["model"])
+    by_instance: dict[str, list[Fault]] = {}
+    for f in faults or []:
+        f = dict(f)
+        by_instance.setdefault(f.pop("instance_id"), []).append(Fault(**f))
+    replicas = []
+    utilization = cluster.get("replica", {}).get("gpu_memory_utilization", 0.9)
+    for inst in build_instances(cluster, pd_enabled):
+        config = ReplicaConfig.from_instance(inst, gpu_memory_utilization=utilization)
+        blocks = num_kv_blocks(
+            model,
+            inst.gpu_memory_gb,
+            inst.tensor_parallel_size,
+            inst.pipeline_parallel_size,
+            config.block_size,
+            utilization,
+        )
+        replicas.append(
+            ReplicaSpec(
+                inst, profile, model, blocks, config, tuple(by_instance.pop(inst.instance_id, []))
+            )
+        )
+    if by_instance:
+        raise ValueError(
+            f"faults name unknown instances {sorted(by_instance)}; "
+            f"known: {[r.instance.instance_id for r in replicas]}"
+        )
+    return replicas
+
+
+def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSetup:
+    """Instantiate the policy, router, PD policy, profile, workload and cluster of ``cfg``.
+    ``labels`` name the run in tables (default: the group options' class names)."""
+    profile = instantiate(cfg.profile)
+    cluster = _plain(cfg.cluster)
+    if profile.model not in (cluster["model"], load_model_spec(cluster["model"]).name):
+        raise ValueError(
+            f"profile model {profile.model!r} does not match cluster model {cluster['model']!r}; "
+            "choose a profile measured for the cluster's model"
+        )
+    pd_policy = instantiate(cfg.pd) if cfg.get("pd") else None
+    core = ControlPlane(
+        policy=_with_latency_model(cfg.policy, profile),
+        router=_seeded(cfg.router, cfg.seed),
+        pd_policy=pd_policy,
+        config=ControlPlaneConfig(**_plain(cfg.core)),
+    )
+    replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
+    sim = ClusterSimulation(
+        replicas,
+        core,
+        scrape_interval_s=cfg.scrape_interval_s,
+        kv_link=KVLink(**_plain(cfg.kv_link)),
+        progress=cfg.get("progress"),
+        drain_timeout_s=cfg.drain_timeout_s,
+    )
+    names = dict(labels or {})
+    names.setdefault("policy", _short(cfg.policy))
+    names.setdefault("router", _short(cfg.router))
+    names.setdefault("pd", _short(cfg.pd) if cfg.get("pd") else "off")
+    return RunSetup(sim, instantiate(cfg.workload), int(cfg.seed), names)
+
+
+def run_setup(setup: RunSetup) -> RunResult:
+    return setup.simulation.run(setup.workload.requests(setup.seed))
+
+
+def _with_latency_model(node: DictConfig, profile: ProfiledLatencyModel) -> Any:
+    """Policies that predict service time get the run's profile as their latency model, so
+    they predict with the same measured model that prices the simulated steps."""
+    target = get_class(node["_target_"])
+    if "latency_model" in inspect.signature(target).parameters and not node.get("latency_model"):
+        return instantiate(node, latency_model=profile)
+    return instantiate(node)
+
+
+def _seeded(node: DictConfig, seed: int) -> Any:
+    """Randomised options get the run's seed so one ``seed=`` reproduces the whole run."""
+    return instantiate(node, seed=seed) if "seed" in node else instantiate(node)
+
+
+def _short(node: Any) -> str:
+    """A readable label from a group option: its class name without the role suffix."""
+    target = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+    for suffix in ("Policy", "Router", "PDPolicy"):
+        target = target.removesuffix(suffix)
+    return target

@@ -1,0 +1,47 @@
+"""Structured-config schemas: typos in the top-level run settings fail at compose time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class CoreSchema:
+    max_queue_len: int | None = None
+    on_instance_failure: str = "requeue"
+    max_attempts: int = 3
+    queue_timeout_s: float | None = None
+
+
+@dataclass
+class KVLinkSchema:
+    bandwidth_gbps: float = 100.0
+    latency_ms: float = 1.0
+
+
+@dataclass
+class RunSchema:
+    """Top-level keys of conf/config.yaml. Group options (policy, router, ...) stay free-form
+    because each one's keys are its constructor's arguments."""
+
+    seed: int = 0
+    scrape_interval_s: float = 0.5
+    drain_timeout_s: float = 3600.0
+    progress: bool | None = None
+    core: CoreSchema = field(default_factory=CoreSchema)
+    kv_link: KVLinkSchema = field(default_factory=KVLinkSchema)
+    policy: Any = None
+    router: Any = None
+    pd: Any = None
+    cluster: Any = None
+    workload: Any = None
+    profile: Any = None
+    study: Any = None
+    faults: list[Any] = field(default_factory=list)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
