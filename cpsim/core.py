@@ -375,6 +375,11 @@ class ControlPlane:
     ) -> list[InstanceView]:
         model = rview.model_name
         types = _PHASE_TYPES[phase] if self.pd_policy is not None else None
+        if phase is Phase.DECODE and any(
+            v.is_healthy and v.instance_type is ExecutionInstanceType.DECODING
+            for v in views.values()
+        ):
+            types = (ExecutionInstanceType.DECODING,)  # general ones only when no decode pool
         return [
             v
             for v in views.values()

@@ -152,6 +152,7 @@ class ControlPlaneManager:
         self.backend = backend if backend is not None else self._default_backend()
         self.load_balancer = LoadBalancer(self.core, self._now)
         self._t0 = time.monotonic()
+        self._time_scale = float(getattr(self.backend, "time_scale", 1.0))
         self._running = False
         self._pumping = False
         self._pump_again = False
@@ -162,12 +163,15 @@ class ControlPlaneManager:
 
     @staticmethod
     def _default_backend() -> Backend:
-        from backends.scripted import ScriptedBackend
+        """Simulated vLLM replicas in wall time, so the API works with no engine at all."""
+        from backends.sim.live import SimBackend
 
-        return ScriptedBackend()
+        return SimBackend()
 
     def _now(self) -> float:
-        return time.monotonic() - self._t0
+        """Seconds since construction on the backend's time base: wall seconds, or simulated
+        seconds for a backend with a ``time_scale`` (so metrics are in engine time)."""
+        return (time.monotonic() - self._t0) * self._time_scale
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

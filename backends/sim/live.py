@@ -1,0 +1,258 @@
+"""Simulated vLLM replicas in wall time: the ControlPlaneManager's default backend.
+
+The same replica processes as the virtual-time simulation run in a SimPy environment that
+an asyncio task advances to the manager's clock x ``time_scale``; only the driver's clock
+differs, never a policy or the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import simpy
+
+from backends.sim.cluster import KVLink, sim_request_for
+from backends.sim.kv_capacity import num_kv_blocks
+from backends.sim.process import ReplicaProcess
+from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
+from cpsim.backend import Clock, EngineEvents
+from cpsim.core import Abort, Dispatch
+from cpsim.latency import StepLatencyModel
+from cpsim.models import ModelSpec, load_model_spec
+from cpsim.profiles import load_profile
+from cpsim.roofline import RooflineLatencyModel
+from cpsim.types import ExecutionInstance
+from cpsim.validation import check_positive
+from cpsim.views import InstanceSnapshot, Phase
+
+
+class _Replica:
+    __slots__ = ("config", "model", "proc")
+
+    def __init__(self, proc: ReplicaProcess, config: ReplicaConfig, model: ModelSpec) -> None:
+        self.proc, self.config, self.model = proc, config, model
+
+
+class SimBackend:
+    """Backend of simulated replicas, one per registered instance.
+
+    Each instance's model comes from ``instance.metadata["model_spec"]`` (a name in
+    cpsim/data/models or a ModelSpec), else ``default_model``; its step latency from
+    ``metadata["profile"]`` (a conf/profile name) or ``metadata["latency_model"]`` (an
+    object), else a RooflineLatencyModel of the model on ``instance.gpu_type``.
+    ``time_scale`` is simulated seconds per wall second (10 = ten times faster than real);
+    the manager reads it and keeps its clock, hence its metrics, in simulated seconds."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        time_scale: float = 1.0,
+        default_model: str = "llama-3-8b",
+        scrape_interval_s: float = 0.5,
+        kv_link: KVLink | None = None,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        check_positive("time_scale", time_scale)
+        check_positive("scrape_interval_s", scrape_interval_s)
+        self.time_scale = time_scale
+        self.default_model = default_model
+        self.scrape_interval_s = scrape_interval_s
+        self.kv_link = kv_link or KVLink()
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.env = simpy.Environment()
+        self._replicas: dict[str, _Replica] = {}
+        self._events: EngineEvents | None = None
+        self._clock: Clock = lambda: 0.0
+        self._t0 = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._advancing = False
+
+    # ------------------------------------------------------------------ Backend
+    async def start(self, events: EngineEvents, clock: Clock) -> None:
+        self._events, self._clock = events, clock
+        self._t0 = clock()
+        self.env.process(self._scrapes())
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def add_instance(self, instance: ExecutionInstance) -> None:
+        self._advance()
+        model = self._model_of(instance)
+        config = ReplicaConfig.from_instance(
+            instance, gpu_memory_utilization=self.gpu_memory_utilization
+        )
+        blocks = num_kv_blocks(
+            model,
+            instance.gpu_memory_gb,
+            instance.tensor_parallel_size,
+            instance.pipeline_parallel_size,
+            config.block_size,
+            self.gpu_memory_utilization,
+        )
+        replica = SimReplica(
+            instance.instance_id, config, self._latency_of(instance, model), blocks
+        )
+        proc = ReplicaProcess(self.env, replica, _WallClockEvents(self))
+        self._replicas[instance.instance_id] = _Replica(proc, config, model)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        entry = self._replicas.pop(instance_id, None)
+        if entry is not None:
+            entry.proc.replica.clear()
+
+    def dispatch(self, dispatch: Dispatch) -> None:
+        self._advance()
+        entry = self._replicas[dispatch.instance_id]
+        req = sim_request_for(dispatch, entry.config, self.env.now)
+        if dispatch.phase is Phase.DECODE:
+            kv_bytes = dispatch.request.prompt_tokens * entry.model.kv_bytes_per_token()
+            delay_s = self.kv_link.transfer_s(kv_bytes)
+            self.env.process(self._handoff(entry.proc, req, delay_s))
+        else:
+            entry.proc.submit(req, dispatch.phase)
+        self._wake.set()
+
+    def abort(self, abort: Abort) -> None:
+        self._advance()
+        entry = self._replicas.get(abort.instance_id)
+        if entry is not None:
+            entry.proc.abort(abort.request_id)
+        self._wake.set()
+
+    def replica_process(self, instance_id: str) -> ReplicaProcess:
+        """The process of an instance (to inject faults: ``crash``, ``add_fault``)."""
+        return self._replicas[instance_id].proc
+
+    # ------------------------------------------------------------------ time
+    def manager_time(self, sim_s: float) -> float:
+        """The manager's clock runs in simulated seconds (it scales by ``time_scale``)."""
+        return self._t0 + sim_s
+
+    def _advance(self) -> None:
+        """Run the simulation up to the wall clock; never re-entered from inside a run
+        (an engine event that makes the manager dispatch lands here)."""
+        if self._advancing:
+            return
+        target = self._clock() - self._t0
+        if target <= self.env.now:
+            return
+        self._advancing = True
+        try:
+            self.env.run(until=target)
+        finally:
+            self._advancing = False
+
+    async def _run(self) -> None:
+        while True:
+            self._advance()
+            nxt = self.env.peek()
+            delay = None if math.isinf(nxt) else max(0.0, (nxt - self.env.now) / self.time_scale)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    def _handoff(self, proc: ReplicaProcess, req: SimRequest, delay_s: float) -> Any:
+        yield self.env.timeout(delay_s)
+        proc.submit(req, Phase.DECODE)
+
+    def _scrapes(self) -> Any:
+        while True:
+            yield self.env.timeout(self.scrape_interval_s)
+            assert self._events is not None
+            for entry in list(self._replicas.values()):
+                snap = entry.proc.snapshot()
+                now = self.manager_time(snap.time_s)
+                self._events.on_snapshot(
+                    InstanceSnapshot(
+                        snap.instance_id,
+                        now,
+                        snap.num_running,
+                        snap.num_waiting,
+                        snap.kv_cache_usage_frac,
+                        snap.prefix_cache_hit_rate,
+                        snap.gpu_utilization_frac,
+                        snap.is_healthy,
+                    ),
+                    now,
+                )
+
+    # ------------------------------------------------------------------ instances
+    def _model_of(self, instance: ExecutionInstance) -> ModelSpec:
+        spec = instance.metadata.get("model_spec", self.default_model)
+        return spec if isinstance(spec, ModelSpec) else load_model_spec(str(spec))
+
+    @staticmethod
+    def _latency_of(instance: ExecutionInstance, model: ModelSpec) -> StepLatencyModel:
+        given = instance.metadata.get("latency_model")
+        if given is not None:
+            latency: StepLatencyModel = given
+            return latency
+        profile = instance.metadata.get("profile")
+        if profile is not None:
+            return load_profile(str(profile))
+        return RooflineLatencyModel(
+            model,
+            instance.gpu_type,
+            instance.tensor_parallel_size,
+            instance.pipeline_parallel_size,
+        )
+
+
+class _WallClockEvents:
+    """Forwards a replica's events to the manager with simulated times mapped to its clock."""
+
+    def __init__(self, backend: SimBackend) -> None:
+        self.b = backend
+
+    def _events(self) -> EngineEvents:
+        assert self.b._events is not None
+        return self.b._events
+
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self._events().on_first_token(request_id, instance_id, self.b.manager_time(now))
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self._events().on_tokens(request_id, instance_id, num_tokens, self.b.manager_time(now))
+
+    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
+        self._events().on_prefill_done(request_id, instance_id, self.b.manager_time(now))
+
+    def on_finish(
+        self,
+        request_id: str,
+        instance_id: str,
+        num_output_tokens: int,
+        now: float,
+        extras: Mapping[str, float] | None = None,
+    ) -> None:
+        self._events().on_finish(
+            request_id, instance_id, num_output_tokens, self.b.manager_time(now), extras
+        )
+
+    def on_failure(
+        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
+    ) -> None:
+        self._events().on_failure(
+            request_id, instance_id, reason, self.b.manager_time(now), retryable
+        )
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        self._events().on_instance_failure(instance_id, reason, self.b.manager_time(now))
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        self._events().on_instance_recovered(instance_id, self.b.manager_time(now))
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self._events().on_snapshot(snapshot, self.b.manager_time(now))
