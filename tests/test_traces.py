@@ -182,7 +182,8 @@ def test_relative_paths_use_the_trace_dir(monkeypatch: pytest.MonkeyPatch, tmp_p
     table = load_trace("t.csv")
     assert table.prompt_tokens.tolist() == [5] and table.output_tokens.tolist() == [6]
     monkeypatch.delenv(TRACE_DIR_ENV)
-    assert default_trace_dir() == Path(__file__).resolve().parents[2] / "shared" / "traces"
+    expected = Path(__file__).resolve().parents[2] / "shared" / "traces"
+    assert default_trace_dir() == expected.resolve()
     with pytest.raises(ValueError, match="not found"):
         load_trace(tmp_path / "missing.csv")
 
