@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from cpsim.backend import Backend
+from cpsim.backend import Backend, ControlPlaneEvents
 from cpsim.core import ControlPlane, ControlPlaneConfig, Dispatch
 from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
 from cpsim.requests import RequestState
@@ -28,7 +28,7 @@ from cpsim.types import (
     RequestStatus,
 )
 from cpsim.validation import check_positive, lookup
-from cpsim.views import InstanceSnapshot, InstanceView, RequestView
+from cpsim.views import InstanceView, RequestView
 from policies import PD_POLICIES, ROUTERS, SCHEDULING_POLICIES
 
 log = logging.getLogger("cpsim.manager")
@@ -149,6 +149,7 @@ class ControlPlaneManager:
             make_scheduling_policy(scheduling_policy), self.router, pd_policy, config
         )
         self.core.terminal_listeners.append(self._on_terminal)
+        self.events = ControlPlaneEvents(self.core, self._pump)
         self.backend = backend if backend is not None else self._default_backend()
         self.load_balancer = LoadBalancer(self.core, self._now)
         self._t0 = time.monotonic()
@@ -178,7 +179,7 @@ class ControlPlaneManager:
         if self._running:
             return
         self._running = True
-        await self.backend.start(self, self._now)
+        await self.backend.start(self.events, self._now)
         self._tasks.append(asyncio.create_task(self._tick_loop()))
         if self.enable_monitoring:
             self._tasks.append(asyncio.create_task(self._monitor_loop()))
@@ -330,47 +331,6 @@ class ControlPlaneManager:
             v.instance_id: self.core.instance_state(v.instance_id)
             for v in self.core.instance_views()
         }
-
-    # ------------------------------------------------------------------ engine events
-    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
-        self.core.on_first_token(request_id, now, instance_id)
-
-    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
-        self.core.on_tokens(request_id, num_tokens, now, instance_id)
-
-    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
-        self.core.on_prefill_done(request_id, now, instance_id)
-        self._pump()
-
-    def on_finish(
-        self,
-        request_id: str,
-        instance_id: str,
-        num_output_tokens: int,
-        now: float,
-        extras: Mapping[str, float] | None = None,
-    ) -> None:
-        self.core.on_finish(request_id, now, num_output_tokens, instance_id, dict(extras or {}))
-        self._pump()
-
-    def on_failure(
-        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
-    ) -> None:
-        self.core.on_failure(request_id, now, reason, retryable, instance_id)
-        self._pump()
-
-    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
-        with contextlib.suppress(ValueError):
-            self.core.on_instance_failure(instance_id, now, reason)
-        self._pump()
-
-    def on_instance_recovered(self, instance_id: str, now: float) -> None:
-        with contextlib.suppress(ValueError):
-            self.core.set_instance_health(instance_id, True)
-        self._pump()
-
-    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
-        self.core.on_instance_update(snapshot, now)
 
     # ------------------------------------------------------------------ internals
     def _pump(self) -> None:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from backends.sim.faults import Fault
 from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
+from cpsim.backend import ControlPlaneEvents
 from cpsim.core import ControlPlane, Dispatch
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec
@@ -135,12 +136,13 @@ class ClusterSimulation:
         self.drain_timeout_s = drain_timeout_s
         self.series = _SeriesRecorder() if record_series else None
         self.specs = {s.instance.instance_id: s for s in replicas}
+        self.events = ControlPlaneEvents(control_plane, self._dispatch)
         self.procs: dict[str, ReplicaProcess] = {}
         for spec in replicas:
             replica = SimReplica(
                 spec.instance.instance_id, spec.config, spec.latency, spec.num_gpu_blocks
             )
-            proc = ReplicaProcess(self.env, replica, self)
+            proc = ReplicaProcess(self.env, replica, self.events)
             for fault in spec.faults:
                 proc.add_fault(fault)
             self.procs[spec.instance.instance_id] = proc
@@ -243,42 +245,3 @@ class ClusterSimulation:
     def _handoff(self, proc: ReplicaProcess, req: SimRequest, phase: Phase, delay_s: float) -> Any:
         yield self.env.timeout(delay_s)
         proc.submit(req, phase)
-
-    # ------------------------------------------------------------------ engine events
-    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
-        self.cp.on_first_token(request_id, now, instance_id)
-
-    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
-        self.cp.on_tokens(request_id, num_tokens, now, instance_id)
-
-    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
-        self.cp.on_prefill_done(request_id, now, instance_id)
-        self._dispatch()
-
-    def on_finish(
-        self,
-        request_id: str,
-        instance_id: str,
-        num_output_tokens: int,
-        now: float,
-        extras: Mapping[str, float] | None = None,
-    ) -> None:
-        self.cp.on_finish(request_id, now, num_output_tokens, instance_id, dict(extras or {}))
-        self._dispatch()
-
-    def on_failure(
-        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
-    ) -> None:
-        self.cp.on_failure(request_id, now, reason, retryable, instance_id)
-        self._dispatch()
-
-    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
-        self.cp.on_instance_failure(instance_id, now, reason)
-        self._dispatch()
-
-    def on_instance_recovered(self, instance_id: str, now: float) -> None:
-        self.cp.set_instance_health(instance_id, True)
-        self._dispatch()
-
-    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
-        self.cp.on_instance_update(snapshot, now)

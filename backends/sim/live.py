@@ -1,8 +1,9 @@
 """Simulated vLLM replicas in wall time: the ControlPlaneManager's default backend.
 
-The same replica processes as the virtual-time simulation run in a SimPy environment that
-an asyncio task advances to the manager's clock x ``time_scale``; only the driver's clock
-differs, never a policy or the replica.
+The same replica processes as the virtual-time simulation run in a SimPy environment whose
+time is the manager's clock (simulated seconds: the manager scales wall time by
+``time_scale``), advanced by an asyncio task; only the driver's clock differs, never a
+policy or the replica.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import simpy
@@ -27,7 +27,7 @@ from cpsim.profiles import load_profile
 from cpsim.roofline import RooflineLatencyModel
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_positive
-from cpsim.views import InstanceSnapshot, Phase
+from cpsim.views import Phase
 
 
 class _Replica:
@@ -68,7 +68,6 @@ class SimBackend:
         self._replicas: dict[str, _Replica] = {}
         self._events: EngineEvents | None = None
         self._clock: Clock = lambda: 0.0
-        self._t0 = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._advancing = False
@@ -76,7 +75,7 @@ class SimBackend:
     # ------------------------------------------------------------------ Backend
     async def start(self, events: EngineEvents, clock: Clock) -> None:
         self._events, self._clock = events, clock
-        self._t0 = clock()
+        self.env = simpy.Environment(initial_time=clock())
         self.env.process(self._scrapes())
         self._task = asyncio.create_task(self._run())
 
@@ -104,7 +103,8 @@ class SimBackend:
         replica = SimReplica(
             instance.instance_id, config, self._latency_of(instance, model), blocks
         )
-        proc = ReplicaProcess(self.env, replica, _WallClockEvents(self))
+        assert self._events is not None, "start the backend before adding instances"
+        proc = ReplicaProcess(self.env, replica, self._events)
         self._replicas[instance.instance_id] = _Replica(proc, config, model)
 
     async def remove_instance(self, instance_id: str) -> None:
@@ -136,16 +136,12 @@ class SimBackend:
         return self._replicas[instance_id].proc
 
     # ------------------------------------------------------------------ time
-    def manager_time(self, sim_s: float) -> float:
-        """The manager's clock runs in simulated seconds (it scales by ``time_scale``)."""
-        return self._t0 + sim_s
-
     def _advance(self) -> None:
         """Run the simulation up to the wall clock; never re-entered from inside a run
         (an engine event that makes the manager dispatch lands here)."""
         if self._advancing:
             return
-        target = self._clock() - self._t0
+        target = self._clock()
         if target <= self.env.now:
             return
         self._advancing = True
@@ -172,21 +168,7 @@ class SimBackend:
             yield self.env.timeout(self.scrape_interval_s)
             assert self._events is not None
             for entry in list(self._replicas.values()):
-                snap = entry.proc.snapshot()
-                now = self.manager_time(snap.time_s)
-                self._events.on_snapshot(
-                    InstanceSnapshot(
-                        snap.instance_id,
-                        now,
-                        snap.num_running,
-                        snap.num_waiting,
-                        snap.kv_cache_usage_frac,
-                        snap.prefix_cache_hit_rate,
-                        snap.gpu_utilization_frac,
-                        snap.is_healthy,
-                    ),
-                    now,
-                )
+                self._events.on_snapshot(entry.proc.snapshot(), self.env.now)
 
     # ------------------------------------------------------------------ instances
     def _model_of(self, instance: ExecutionInstance) -> ModelSpec:
@@ -208,51 +190,3 @@ class SimBackend:
             instance.tensor_parallel_size,
             instance.pipeline_parallel_size,
         )
-
-
-class _WallClockEvents:
-    """Forwards a replica's events to the manager with simulated times mapped to its clock."""
-
-    def __init__(self, backend: SimBackend) -> None:
-        self.b = backend
-
-    def _events(self) -> EngineEvents:
-        assert self.b._events is not None
-        return self.b._events
-
-    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
-        self._events().on_first_token(request_id, instance_id, self.b.manager_time(now))
-
-    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
-        self._events().on_tokens(request_id, instance_id, num_tokens, self.b.manager_time(now))
-
-    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
-        self._events().on_prefill_done(request_id, instance_id, self.b.manager_time(now))
-
-    def on_finish(
-        self,
-        request_id: str,
-        instance_id: str,
-        num_output_tokens: int,
-        now: float,
-        extras: Mapping[str, float] | None = None,
-    ) -> None:
-        self._events().on_finish(
-            request_id, instance_id, num_output_tokens, self.b.manager_time(now), extras
-        )
-
-    def on_failure(
-        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
-    ) -> None:
-        self._events().on_failure(
-            request_id, instance_id, reason, self.b.manager_time(now), retryable
-        )
-
-    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
-        self._events().on_instance_failure(instance_id, reason, self.b.manager_time(now))
-
-    def on_instance_recovered(self, instance_id: str, now: float) -> None:
-        self._events().on_instance_recovered(instance_id, self.b.manager_time(now))
-
-    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
-        self._events().on_snapshot(snapshot, self.b.manager_time(now))
