@@ -320,12 +320,13 @@ class ControlPlane:
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
-        queue_views = [req.view for req in self._queue]
-        ordered = self.policy.order(queue_views, list(views.values()), now)
+        view_list = list(views.values())
+        num_open = sum(1 for v in view_list if v.has_capacity)
+        ordered = self.policy.order([req.view for req in self._queue], view_list, now)
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
-            if not any(v.has_capacity for v in views.values()):
+            if num_open == 0:
                 break
             req = self._requests[rview.request_id]
             phase = self._phase_for(rview, views, now)
@@ -341,7 +342,7 @@ class ControlPlane:
                 rejected.append((req, placement.reject_reason))
                 continue
             iid = placement.instance_id
-            if iid is None or iid not in views or not any(c.instance_id == iid for c in cands):
+            if iid is None or not any(c.instance_id == iid for c in cands):
                 raise ValueError(
                     f"policy {self.policy.name!r} placed {rview.request_id!r} on {iid!r}, "
                     f"which is not among the candidates {[c.instance_id for c in cands]}"
@@ -350,6 +351,8 @@ class ControlPlane:
             req.policy_used = placement.policy or self.policy.name
             placed.add(req.view.request_id)
             self._assign(req, iid, phase, now, views)
+            if not views[iid].has_capacity:
+                num_open -= 1
             if phase is Phase.PREFILL:
                 req.prefill_instance_id = iid
             elif phase is Phase.FULL:
@@ -401,7 +404,8 @@ class ControlPlane:
         req.status = RequestStatus.RUNNING
         req.phase = phase
         req.instance_id = instance_id
-        req.attempts += 1
+        if phase is not Phase.DECODE:  # a hand-off continues the same attempt
+            req.attempts += 1
         if req.dispatch_s is None:
             req.dispatch_s = now
         inst.admit(req, now)

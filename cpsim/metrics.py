@@ -71,33 +71,36 @@ class RecordStore:
     def __init__(self, chunk_rows: int = 65_536, spill_dir: str | Path | None = None) -> None:
         self.chunk_rows = chunk_rows
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        self._cols: dict[str, list[Any]] = {c: [] for c in RECORD_COLUMNS}
-        self._extra_names: list[str] = []
+        self._rows: list[tuple[Any, ...]] = []  # values in RECORD_COLUMNS order
+        self._extras: dict[str, list[float]] = {}
         self._chunks: list[pd.DataFrame] = []
         self._spilled: list[Path] = []
-        self._rows = 0
         self._total = 0
 
-    def append(self, row: Mapping[str, Any], extras: Mapping[str, float]) -> None:
+    def append(self, values: tuple[Any, ...], extras: Mapping[str, float]) -> None:
+        """One row: ``values`` in RECORD_COLUMNS order, plus named numeric extras."""
+        cols = self._extras
+        n = len(self._rows)
+        for name, col in cols.items():
+            col.append(extras.get(name, _NAN))
         for name in extras:
-            if name not in self._cols:
-                self._cols[name] = [_NAN] * self._rows
-                self._extra_names.append(name)
-        for name, col in self._cols.items():
-            col.append(row[name] if name in row else extras.get(name, _NAN))
-        self._rows += 1
+            if name not in cols:
+                cols[name] = [_NAN] * n + [extras[name]]
+        self._rows.append(values)
         self._total += 1
-        if self._rows >= self.chunk_rows:
+        if n + 1 >= self.chunk_rows:
             self._freeze()
 
     def _freeze(self) -> None:
         if not self._rows:
             return
-        frame = pd.DataFrame(self._cols)
+        frame = pd.DataFrame.from_records(self._rows, columns=RECORD_COLUMNS)
+        for name, col in self._extras.items():
+            frame[name] = col
         for name in _CATEGORICAL:
             frame[name] = frame[name].astype("category")
-        self._cols = {c: [] for c in self._cols}
-        self._rows = 0
+        self._rows = []
+        self._extras = {name: [] for name in self._extras}
         if self.spill_dir is None:
             self._chunks.append(frame)
             return
@@ -165,34 +168,32 @@ class MetricsCollector:
         tpot = _NAN
         if completed and n_out > 1 and req.first_token_s is not None and req.finish_s is not None:
             tpot = 1000.0 * (req.finish_s - req.first_token_s) / (n_out - 1)
-        row = {
-            "request_id": v.request_id,
-            "user_id": v.user_id,
-            "priority": v.priority.name,
-            "status": req.status.name,
-            "reason": req.reason or None,
-            "arrival_time_s": v.arrival_s,
-            "dispatch_time_s": _NAN if req.dispatch_s is None else req.dispatch_s,
-            "first_token_time_s": _NAN if req.first_token_s is None else req.first_token_s,
-            "finish_time_s": req.finish_s,
-            "queue_delay_ms": _ms(v.arrival_s, req.dispatch_s),
-            "ttft_ms": _ms(v.arrival_s, req.first_token_s),
-            "tpot_ms": tpot,
-            "latency_ms": latency_ms if completed else _NAN,
-            "num_prompt_tokens": v.num_prompt_tokens,
-            "num_output_tokens": n_out,
-            "instance_id": req.instance_id,
-            "prefill_instance_id": req.prefill_instance_id,
-            "decode_instance_id": req.decode_instance_id,
-            "slo_deadline_ms": _NAN if v.slo_deadline_ms is None else v.slo_deadline_ms,
-            "slo_met": slo_met,
-            "cost_usd": req.cost_usd,
-            "predicted_cost_usd": _NAN
-            if req.predicted_cost_usd is None
-            else req.predicted_cost_usd,
-            "policy": req.policy_used,
-            "attempts": req.attempts,
-        }
+        row = (
+            v.request_id,
+            v.user_id,
+            v.priority.name,
+            req.status.name,
+            req.reason or None,
+            v.arrival_s,
+            _NAN if req.dispatch_s is None else req.dispatch_s,
+            _NAN if req.first_token_s is None else req.first_token_s,
+            req.finish_s,
+            _ms(v.arrival_s, req.dispatch_s),
+            _ms(v.arrival_s, req.first_token_s),
+            tpot,
+            latency_ms if completed else _NAN,
+            v.num_prompt_tokens,
+            n_out,
+            req.instance_id,
+            req.prefill_instance_id,
+            req.decode_instance_id,
+            _NAN if v.slo_deadline_ms is None else v.slo_deadline_ms,
+            slo_met,
+            req.cost_usd,
+            _NAN if req.predicted_cost_usd is None else req.predicted_cost_usd,
+            req.policy_used,
+            req.attempts,
+        )
         self.store.append(row, req.extras)
         return slo_met
 

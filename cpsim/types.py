@@ -95,25 +95,32 @@ class RequestMetadata:
     prefix_block_size_tokens: int = 512
 
     def __post_init__(self) -> None:
-        if not isinstance(self.request_id, str) or not self.request_id:
+        # Fast paths first: workloads build millions of these, almost always well-formed.
+        setattr_ = object.__setattr__
+        if type(self.request_id) is not str or not self.request_id:
             raise ValueError(f"request_id={self.request_id!r} must be a non-empty string")
-        object.__setattr__(
-            self, "priority", coerce_enum(RequestPriority, self.priority, "priority")
-        )
-        if self.parallelism_hint is not None:
+        if type(self.priority) is not RequestPriority:
+            setattr_(self, "priority", coerce_enum(RequestPriority, self.priority, "priority"))
+        if self.parallelism_hint is not None and type(self.parallelism_hint) is not ParallelismType:
             hint = coerce_enum(ParallelismType, self.parallelism_hint, "parallelism_hint")
-            object.__setattr__(self, "parallelism_hint", hint)
-        if self.slo_deadline_ms is not None:
-            check_positive("slo_deadline_ms", self.slo_deadline_ms)
-        check_positive("max_tokens", self.max_tokens, integer=True)
+            setattr_(self, "parallelism_hint", hint)
+        slo = self.slo_deadline_ms
+        if slo is not None and not (type(slo) in (int, float) and slo > 0):
+            check_positive("slo_deadline_ms", slo)
+        if not (type(self.max_tokens) is int and self.max_tokens > 0):
+            check_positive("max_tokens", self.max_tokens, integer=True)
         if self.cost_budget is not None:
             check_non_negative("cost_budget", self.cost_budget)
-        if self.prompt_token_ids is not None:
-            object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
-        if self.prefix_block_ids is not None:
-            object.__setattr__(self, "prefix_block_ids", tuple(self.prefix_block_ids))
-        check_positive("prefix_block_size_tokens", self.prefix_block_size_tokens, integer=True)
-        object.__setattr__(self, "num_prompt_tokens", self._derive_num_prompt_tokens())
+        if self.prompt_token_ids is not None and type(self.prompt_token_ids) is not tuple:
+            setattr_(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        if self.prefix_block_ids is not None and type(self.prefix_block_ids) is not tuple:
+            setattr_(self, "prefix_block_ids", tuple(self.prefix_block_ids))
+        if self.prefix_block_size_tokens != 512:
+            check_positive("prefix_block_size_tokens", self.prefix_block_size_tokens, integer=True)
+        given = self.num_prompt_tokens
+        if type(given) is int and given >= 0 and self.prompt_token_ids is None:
+            return  # the common case: a count and no ids to check it against
+        setattr_(self, "num_prompt_tokens", self._derive_num_prompt_tokens())
 
     def _derive_num_prompt_tokens(self) -> int:
         given = self.num_prompt_tokens

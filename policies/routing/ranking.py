@@ -34,6 +34,8 @@ def pick_min(
     hint, then the earliest in ``candidates``."""
     if not candidates:
         return None
+    if hint is None:  # the common case: no tie-break key to build per candidate
+        return min(candidates, key=key)
     return min(candidates, key=lambda v: (key(v), hint_miss(v, hint)))
 
 
