@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import simpy
 from tqdm import tqdm
 
 from backends.sim.faults import Fault
+from backends.sim.handoff import KVTransfers
 from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
 from cpsim.backend import ControlPlaneEvents
@@ -137,6 +139,7 @@ class ClusterSimulation:
         self.series = _SeriesRecorder() if record_series else None
         self.specs = {s.instance.instance_id: s for s in replicas}
         self.events = ControlPlaneEvents(control_plane, self._dispatch)
+        self.transfers = KVTransfers(self.env)
         self.procs: dict[str, ReplicaProcess] = {}
         for spec in replicas:
             replica = SimReplica(
@@ -146,7 +149,10 @@ class ClusterSimulation:
             for fault in spec.faults:
                 proc.add_fault(fault)
             self.procs[spec.instance.instance_id] = proc
-            self.cp.add_instance(spec.instance, 0.0)
+            # a copy: the control plane updates an instance's live fields (health, load),
+            # and the caller's specs must stay reusable for the next run
+            fresh = dataclasses.replace(spec.instance, is_healthy=True, current_load=0.0)
+            self.cp.add_instance(fresh, 0.0)
         self._arrivals_done = False
         self._done = self.env.event()
         self.cp.terminal_listeners.append(self._on_terminal)
@@ -212,6 +218,8 @@ class ClusterSimulation:
                 cp.on_instance_update(snap, now)
                 if self.series is not None:
                     self.series.add(snap, len(cp.instance_state(iid).in_flight), queued)
+            if cp.num_queued:  # what policies see changed: queued requests may fit now
+                self._dispatch()
             yield env.timeout(self.scrape_interval_s)
 
     def _on_terminal(self, _req: Any) -> None:
@@ -238,10 +246,6 @@ class ClusterSimulation:
             delay_s = self.kv_link.transfer_s(
                 d.request.prompt_tokens * spec.model.kv_bytes_per_token()
             )
-            self.env.process(self._handoff(proc, req, d.phase, delay_s))
+            self.transfers.start(proc, req, delay_s)
         else:
             proc.submit(req, d.phase)
-
-    def _handoff(self, proc: ReplicaProcess, req: SimRequest, phase: Phase, delay_s: float) -> Any:
-        yield self.env.timeout(delay_s)
-        proc.submit(req, phase)

@@ -75,6 +75,8 @@ class DecodeSet:
     def new_blocks(self, num_steps: int) -> int:
         """Blocks the next ``num_steps`` steps allocate, in total."""
         bs = self.block_size
+        if num_steps == 1:  # the common case: the next step alone
+            return self._phase_count[(-self.clock) % bs]
         full, rem = divmod(num_steps, bs)
         total = full * len(self.members)
         phase, clock = self._phase_count, self.clock

@@ -16,9 +16,10 @@ from typing import Any
 import simpy
 
 from backends.sim.cluster import KVLink, sim_request_for
+from backends.sim.handoff import KVTransfers
 from backends.sim.kv_capacity import num_kv_blocks
 from backends.sim.process import ReplicaProcess
-from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
+from backends.sim.replica import ReplicaConfig, SimReplica
 from cpsim.backend import Clock, EngineEvents
 from cpsim.core import Abort, Dispatch
 from cpsim.latency import StepLatencyModel
@@ -65,6 +66,7 @@ class SimBackend:
         self.kv_link = kv_link or KVLink()
         self.gpu_memory_utilization = gpu_memory_utilization
         self.env = simpy.Environment()
+        self.transfers = KVTransfers(self.env)
         self._replicas: dict[str, _Replica] = {}
         self._events: EngineEvents | None = None
         self._clock: Clock = lambda: 0.0
@@ -76,6 +78,7 @@ class SimBackend:
     async def start(self, events: EngineEvents, clock: Clock) -> None:
         self._events, self._clock = events, clock
         self.env = simpy.Environment(initial_time=clock())
+        self.transfers = KVTransfers(self.env)
         self.env.process(self._scrapes())
         self._task = asyncio.create_task(self._run())
 
@@ -119,7 +122,7 @@ class SimBackend:
         if dispatch.phase is Phase.DECODE:
             kv_bytes = dispatch.request.prompt_tokens * entry.model.kv_bytes_per_token()
             delay_s = self.kv_link.transfer_s(kv_bytes)
-            self.env.process(self._handoff(entry.proc, req, delay_s))
+            self.transfers.start(entry.proc, req, delay_s)
         else:
             entry.proc.submit(req, dispatch.phase)
         self._wake.set()
@@ -127,8 +130,8 @@ class SimBackend:
     def abort(self, abort: Abort) -> None:
         self._advance()
         entry = self._replicas.get(abort.instance_id)
-        if entry is not None:
-            entry.proc.abort(abort.request_id)
+        if entry is not None and not entry.proc.abort(abort.request_id):
+            self.transfers.cancel(abort.request_id)  # still travelling to the decode replica
         self._wake.set()
 
     def replica_process(self, instance_id: str) -> ReplicaProcess:
@@ -158,10 +161,6 @@ class SimBackend:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-
-    def _handoff(self, proc: ReplicaProcess, req: SimRequest, delay_s: float) -> Any:
-        yield self.env.timeout(delay_s)
-        proc.submit(req, Phase.DECODE)
 
     def _scrapes(self) -> Any:
         while True:

@@ -51,6 +51,7 @@ class ReplicaProcess:
         self.token_reports = token_reports
         self.use_decode_runs = use_decode_runs
         self.is_up = True
+        self.num_crashes = 0
         self._phases: dict[str, Phase] = {}
         self._wake = env.event()
         self._start_s = float(env.now)
@@ -187,7 +188,11 @@ class ReplicaProcess:
         duration = rep.latency.step_time_s(plan.batch) * self._slowdown
         start = self._step_start_s = self.env.now
         yield self.env.timeout(duration)
-        yield from self._pay_stalls(start)
+        if self._stall_debt_s > 0:
+            yield from self._pay_stalls(start)
+        else:
+            self._busy_s += self.env.now - start
+            self._step_start_s = None
         self._report(rep.update_from_output(plan))
 
     def _decode_run(self, horizon: int) -> Generator[simpy.Event, Any, None]:
@@ -222,12 +227,17 @@ class ReplicaProcess:
             if num_steps < horizon and in_flight:
                 yield env.timeout(next_end - elapsed)
                 num_steps += 1
-        yield from self._pay_stalls(start)
+        if self._stall_debt_s > 0:
+            yield from self._pay_stalls(start)
+        else:
+            self._busy_s += env.now - start
+            self._step_start_s = None
         self._in_run = False
         outcome = rep.advance_decode(num_steps)
-        for request_id in self._deferred_aborts:
-            rep.abort_request(request_id)
-        self._deferred_aborts.clear()
+        if self._deferred_aborts:
+            for request_id in self._deferred_aborts:
+                rep.abort_request(request_id)
+            self._deferred_aborts.clear()
         self._report(outcome)
 
     def _on_timer(self, event: simpy.Event) -> None:
@@ -313,6 +323,7 @@ class ReplicaProcess:
         if self._step_start_s is not None:
             self._busy_s += now - self._step_start_s
             self._step_start_s = None
+        self.num_crashes += 1
         self.replica.clear()
         self._phases.clear()
         self._in_run = False

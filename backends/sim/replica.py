@@ -280,9 +280,11 @@ class SimReplica:
         return StepOutcome(
             outcome.num_steps,
             tuple(i for i in outcome.first_token_ids if i not in aborted),
-            {i: n for i, n in outcome.new_token_counts.items() if i not in aborted},
+            {i: n for i, n in outcome.token_counts.items() if i not in aborted},
             tuple(r for r in outcome.finished if r.request_id not in aborted),
             outcome.preempted_ids,
+            tuple(i for i in outcome.bulk_ids if i not in aborted),
+            outcome.bulk_steps,
         )
 
     # ------------------------------------------------------------------ pure decode runs
@@ -344,12 +346,12 @@ class SimReplica:
             raise ValueError(f"advance_decode({num_steps}) needs {new_blocks} blocks, "
                              f"only {self.pool.num_free} free")
         self.pool.allocate(new_blocks)
-        counts = dict.fromkeys(decode.members, num_steps)
+        bulk_ids = tuple(decode.members)
         done = decode.advance(num_steps)
         for req in done:
             self._complete(req)
         self.num_steps += num_steps
-        return StepOutcome(num_steps, (), counts, tuple(done), ())
+        return StepOutcome(num_steps, (), {}, tuple(done), (), bulk_ids, num_steps)
 
     def _complete(self, req: SimRequest) -> None:
         rid = req.request_id

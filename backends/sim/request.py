@@ -68,12 +68,30 @@ class SimRequest:
         check_positive("num_prompt_tokens", num_prompt_tokens, integer=True)
         check_positive("max_tokens", max_tokens, integer=True)
         check_non_negative("arrival_time_s", arrival_time_s)
+        self._init(
+            request_id,
+            int(num_prompt_tokens),
+            int(max_tokens),
+            tuple(block_hashes),
+            bool(prompt_cached),
+            float(arrival_time_s),
+        )
+
+    def _init(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        block_hashes: tuple[int, ...],
+        prompt_cached: bool,
+        arrival_time_s: float,
+    ) -> None:
         self.request_id = request_id
-        self.num_prompt_tokens = int(num_prompt_tokens)
-        self.max_tokens = int(max_tokens)
-        self.block_hashes = tuple(block_hashes)
-        self.prompt_cached = bool(prompt_cached)
-        self.arrival_time_s = float(arrival_time_s)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        self.block_hashes = block_hashes
+        self.prompt_cached = prompt_cached
+        self.arrival_time_s = arrival_time_s
         self.first_token_time_s: float | None = None
         self.finish_time_s: float | None = None
         self.status = WAITING
@@ -100,14 +118,17 @@ class SimRequest:
     ) -> SimRequest:
         """The replica-side request for one dispatch: PREFILL generates 1 token, DECODE starts
         from a handed-off prompt, FULL does both; hashes at the replica's block size."""
-        return cls(
+        # RequestMetadata validated its fields already: build without re-checking them.
+        req = cls.__new__(cls)
+        req._init(
             meta.request_id,
             max(1, meta.prompt_tokens),
-            1 if phase is Phase.PREFILL else meta.max_tokens,
+            1 if phase is Phase.PREFILL else int(meta.max_tokens),
             replica_block_hashes(meta, block_size),
-            prompt_cached=phase is Phase.DECODE,
-            arrival_time_s=arrival_time_s,
+            phase is Phase.DECODE,
+            float(arrival_time_s),
         )
+        return req
 
     @property
     def num_tokens(self) -> int:
@@ -137,6 +158,8 @@ def replica_block_hashes(meta: RequestMetadata, block_size: int) -> tuple[int, .
     trace block is expanded into ``prefix_block_size_tokens // block_size`` sub-block hashes,
     each derived from (the trace block's chained hash, sub-index), so they chain too; only
     sub-blocks that lie fully inside the prompt are kept."""
+    if meta.prefix_block_ids is None and meta.prompt_token_ids is None:
+        return ()  # nothing to hash (the common case in length-only workloads)
     hashes = prompt_block_hashes(meta, block_size)
     if meta.prefix_block_ids is None or meta.prefix_block_size_tokens == block_size:
         return hashes

@@ -222,7 +222,6 @@ def apply_step(rep: SimReplica, plan: StepPlan) -> StepOutcome:
     first: list[str] = []
     counts: dict[str, int] = {}
     if plan.bulk_decode_ids:
-        counts = dict.fromkeys(plan.bulk_decode_ids, 1)
         for req in decode.advance(1):
             rep._complete(req)
             finished.append(req)
@@ -248,7 +247,9 @@ def apply_step(rep: SimReplica, plan: StepPlan) -> StepOutcome:
             del rep._explicit[req.request_id]
             decode.enter(req)
     rep.num_steps += 1
-    return StepOutcome(1, tuple(first), counts, tuple(finished), plan.preempted_ids)
+    return StepOutcome(
+        1, tuple(first), counts, tuple(finished), plan.preempted_ids, plan.bulk_decode_ids, 1
+    )
 
 
 def _register_full_blocks(rep: SimReplica, req: SimRequest) -> None:

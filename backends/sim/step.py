@@ -44,13 +44,23 @@ class StepPlan:
 class StepOutcome:
     """What a step (or a run of pure decode steps) produced.
 
-    ``new_token_counts`` maps each request id to output tokens produced (first tokens included);
-    ``first_token_ids`` produced their first output token; ``finished`` are requests that
-    generated their last token (their stats final); ``preempted_ids`` were preempted when the
-    step was scheduled."""
+    ``new_token_counts`` maps each request id to output tokens produced (first tokens included):
+    ``bulk_steps`` tokens each for ``bulk_ids`` (the bulk decode set), then ``token_counts``
+    (requests scheduled one by one); it is built on demand, as only per-step token reports
+    read it. ``first_token_ids`` produced their first output token; ``finished`` are requests
+    that generated their last token (their stats final); ``preempted_ids`` were preempted when
+    the step was scheduled."""
 
     num_steps: int = 1
     first_token_ids: tuple[str, ...] = ()
-    new_token_counts: dict[str, int] = field(default_factory=dict)
+    token_counts: dict[str, int] = field(default_factory=dict)
     finished: tuple[SimRequest, ...] = ()
     preempted_ids: tuple[str, ...] = ()
+    bulk_ids: tuple[str, ...] = ()
+    bulk_steps: int = 0
+
+    @property
+    def new_token_counts(self) -> dict[str, int]:
+        out = dict.fromkeys(self.bulk_ids, self.bulk_steps)
+        out.update(self.token_counts)
+        return out
