@@ -178,6 +178,6 @@ def _seeded(node: DictConfig, seed: int) -> Any:
 def _short(node: Any) -> str:
     """A readable label from a group option: its class name without the role suffix."""
     target = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
-    for suffix in ("Policy", "Router", "PDPolicy"):
+    for suffix in ("PDPolicy", "Policy", "Router"):
         target = target.removesuffix(suffix)
     return target

@@ -40,6 +40,8 @@ class RunSchema:
     workload: Any = None
     profile: Any = None
     study: Any = None
+    backend: Any = None
+    parallelism: Any = None
     faults: list[Any] = field(default_factory=list)
 
 

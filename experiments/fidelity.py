@@ -1,0 +1,294 @@
+"""Fidelity report: one workload on a real vLLM engine and in the simulator, errors per rate.
+
+    python -m experiments.fidelity --profile vllm-cpu-tiny-llama-tp1 --out outputs/fidelity
+
+The real side is one AsyncLLM engine behind cpsim's live stack (ControlPlaneManager, fifo,
+round_robin, AsyncLLMBackend); the simulated side is ClusterSimulation with the same
+instance mirrored (conf/cluster) and the measured profile. A burst run measures saturation
+first; then Poisson runs at fractions of it. The simulator replays the arrival times the
+real run actually produced, so arrival jitter is not counted as model error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from backends.sim.cluster import ClusterSimulation
+from backends.vllm.async_engine import AsyncLLMBackend
+from backends.vllm.engine_args import TINY_MODEL_DIR
+from backends.vllm.local_engine import LocalEngine, start_local_engine
+from backends.vllm.profile_measure import wait_for_quiet
+from cpsim.core import ControlPlane
+from cpsim.manager import ControlPlaneManager
+from cpsim.profiles import ProfiledLatencyModel, load_profile
+from cpsim.types import ExecutionInstance, RequestMetadata
+from cpsim.workload import PoissonArrivals, RequestMix, SyntheticWorkload, TraceSampledLengths
+from cpsim.workload.traces import IntArray
+from experiments.build import build_instances, build_replicas
+from policies.routing.round_robin import RoundRobinRouter
+from policies.scheduling.fifo import FIFOPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "conf" / "cluster" / "sim_tiny_llama_cpu.yaml"
+SHAREGPT = "sharegpt_derived/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+METRICS = ("ttft_ms", "tpot_ms", "latency_ms")
+STATS = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class ScaledPairLengths:
+    """(prompt, output) pairs of ``base`` times ``scale`` (at least 1 token each)."""
+
+    base: TraceSampledLengths
+    scale: float
+
+    @property
+    def expected_prompt_tokens(self) -> float:
+        return self.base.expected_prompt_tokens * self.scale
+
+    @property
+    def expected_output_tokens(self) -> float:
+        return self.base.expected_output_tokens * self.scale
+
+    def sample_pairs(self, rng: np.random.Generator, n: int) -> tuple[IntArray, IntArray]:
+        prompt, output = self.base.sample_pairs(rng, n)
+        scaled = (np.maximum(1, np.rint(x * self.scale)).astype(np.int64) for x in (prompt, output))
+        return next(scaled), next(scaled)
+
+    def describe(self) -> dict[str, Any]:
+        return {"lengths": "scaled", "scale": self.scale, "base": self.base.describe()}
+
+
+def workload(rate_rps: float, num: int, args: argparse.Namespace, prefix: str
+             ) -> list[tuple[float, RequestMetadata]]:
+    """Poisson arrivals (rate 0: all at once) with ShareGPT lengths scaled and clipped."""
+    lengths = ScaledPairLengths(TraceSampledLengths(args.trace, args.trace_format),
+                                args.length_scale)
+    w = SyntheticWorkload(PoissonArrivals(rate_rps if rate_rps > 0 else 1e9), lengths=lengths,
+                          mix=RequestMix(priorities={"normal": 1.0}), num_requests=num,
+                          max_context_tokens=args.max_context_tokens, id_prefix=prefix)
+    return list(w.requests(args.seed))
+
+
+def load_cluster(path: Path) -> dict[str, Any]:
+    cluster: dict[str, Any] = yaml.safe_load(path.read_text())
+    return cluster
+
+
+def engine_args_of(cluster: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """The real engine's scheduler settings, taken from the mirrored cluster config."""
+    replica = cluster.get("replica", {})
+    keys = ("max_num_batched_tokens", "max_num_seqs", "block_size", "enable_prefix_caching",
+            "enable_chunked_prefill")
+    return {"model": model_dir, **{k: replica[k] for k in keys if k in replica}}
+
+
+# ---------------------------------------------------------------------- real engine
+async def run_real(engine: LocalEngine, instance: ExecutionInstance,
+                   requests: Sequence[tuple[float, RequestMetadata]]) -> pd.DataFrame:
+    """Replay ``requests`` in wall time through a fresh control plane over ``engine``."""
+    backend = AsyncLLMBackend(engines={instance.instance_id: engine})
+    manager = ControlPlaneManager("fifo", "round_robin", enable_monitoring=False,
+                                  backend=backend)
+    await manager.start()
+    await manager.register_instance(instance)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for arrival_s, meta in requests:
+        delay = t0 + arrival_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await manager.submit_request(meta)
+    await manager.drain(timeout_s=1800.0)
+    records = manager.get_request_records()
+    await manager.stop()
+    return records
+
+
+# ---------------------------------------------------------------------- simulator
+def run_sim(cluster: dict[str, Any], profile: ProfiledLatencyModel,
+            requests: Sequence[tuple[float, RequestMetadata]]) -> pd.DataFrame:
+    specs = build_replicas(cluster, profile, pd_enabled=False)
+    blocks = cluster.get("replica", {}).get("num_gpu_blocks")
+    if blocks is not None:  # the engine's reported count (experiments/build.py ignores it)
+        specs = [dataclasses.replace(s, num_gpu_blocks=int(blocks)) for s in specs]
+    core = ControlPlane(FIFOPolicy(), RoundRobinRouter())
+    sim = ClusterSimulation(specs, core, record_series=False, progress=False)
+    return sim.run(iter(requests), total=len(requests)).requests
+
+
+def real_arrivals(records: pd.DataFrame, requests: Sequence[tuple[float, RequestMetadata]]
+                  ) -> list[tuple[float, RequestMetadata]]:
+    """The requests at the times the real control plane received them (from 0)."""
+    when = records.set_index("request_id")["arrival_time_s"]
+    t0 = float(when.min())
+    timed = [(float(when[m.request_id]) - t0, m) for _, m in requests]
+    return sorted(timed, key=lambda x: x[0])
+
+
+# ---------------------------------------------------------------------- comparison
+def summarize(records: pd.DataFrame) -> dict[str, float]:
+    done = records[records["status"].astype(str).str.upper().str.contains("COMPLETED")]
+    out: dict[str, float] = {"completed": float(len(done))}
+    for metric in METRICS:
+        values = done[metric].dropna().to_numpy(dtype=float)
+        for q in STATS:
+            out[f"{metric.removesuffix('_ms')}_p{q}_ms"] = (
+                float(np.percentile(values, q)) if values.size else float("nan"))
+    span = float(done["finish_time_s"].max() - records["arrival_time_s"].min())
+    out["throughput_rps"] = len(done) / span if span > 0 else float("nan")
+    out["output_tokens_per_s"] = float(done["num_output_tokens"].sum()) / span if span > 0 else (
+        float("nan"))
+    return out
+
+
+def compare(label: str, rate: float, frac: float, real: pd.DataFrame, sim: pd.DataFrame
+            ) -> list[dict[str, Any]]:
+    r, s = summarize(real), summarize(sim)
+    return [{"run": label, "rate_rps": round(rate, 3), "load_frac": round(frac, 3),
+             "metric": k, "real": r[k], "sim": s[k],
+             "rel_error": (s[k] - r[k]) / r[k] if r[k] else float("nan")} for k in r]
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A pipe table of ``frame`` (index columns first); numbers with one decimal."""
+    flat = frame.reset_index()
+    cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row]
+             for row in flat.itertuples(index=False)]
+    head = [str(c) for c in flat.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "fidelity.csv", index=False)
+    shown = table[table["metric"] != "completed"]
+    pct = shown.pivot_table(index=["run", "rate_rps"], columns="metric", values="rel_error",
+                            sort=False) * 100
+    both = shown.assign(cell=[f"{a:.1f} / {b:.1f}" for a, b in zip(shown.real, shown.sim,
+                                                                    strict=True)])
+    values = both.pivot_table(index=["run", "rate_rps"], columns="metric", values="cell",
+                              aggfunc="first", sort=False)
+    md = ["## Relative error of the simulator, % ((sim - real) / real)", "",
+          markdown(pct), "", "## Real / simulated values (ms; rps; tokens/s)", "",
+          markdown(values), ""]
+    (out / "fidelity.md").write_text("\n".join(md))
+    return table
+
+
+def plot_cdfs(runs: Sequence[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path) -> Path:
+    """One row per run, one column per metric: the real (solid) and simulated (dashed) CDFs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), len(METRICS), figsize=(4 * len(METRICS), 2.6 * len(runs)),
+                             squeeze=False)
+    for row, (label, real, sim) in enumerate(runs):
+        for col, metric in enumerate(METRICS):
+            ax = axes[row][col]
+            for frame, style, name in ((real, "-", "real vLLM"), (sim, "--", "simulated")):
+                x = np.sort(frame[metric].dropna().to_numpy(dtype=float))
+                ax.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), style, label=name)
+            ax.set_xscale("log" if metric != "tpot_ms" else "linear")
+            ax.set_xlabel(metric)
+            ax.set_title(label, fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("CDF")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- main
+async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = load_cluster(Path(args.cluster))
+    profile = load_profile(args.profile)
+    instance = build_instances(cluster, pd_enabled=False)[0]
+    load = wait_for_quiet(args.max_load, args.max_wait_s)
+    engine = await start_local_engine(engine_args_of(cluster, str(args.model_dir)))
+    started = time.monotonic()
+    runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]] = []
+    loads = []
+    try:
+        burst = workload(0.0, args.saturation_requests, args, "sat-")
+        real = await run_real(engine, instance, burst)
+        saturation = summarize(real)["throughput_rps"]
+        runs.append(("saturation", 0.0, 1.0, real, run_sim(cluster, profile,
+                                                            real_arrivals(real, burst))))
+        print(f"saturation: {saturation:.2f} req/s", flush=True)
+        rates = args.rates or [f * saturation for f in args.rate_fracs]
+        for i, rate in enumerate(rates):
+            reqs = workload(rate, args.num_requests, args, f"r{i}-")
+            before = os.getloadavg()[0]
+            real = await run_real(engine, instance, reqs)
+            loads.append((round(rate, 3), before, os.getloadavg()[0]))
+            sim = run_sim(cluster, profile, real_arrivals(real, reqs))
+            runs.append((f"poisson-{i}", rate, rate / saturation, real, sim))
+            print(f"rate {rate:.2f} req/s done", flush=True)
+    finally:
+        await engine.shutdown()
+    rows = []
+    for label, rate, frac, real, sim in runs:
+        rows += compare(label, rate, frac, real, sim)
+        real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
+        sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
+    table = write_tables(rows, out)
+    plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
+              out / "fidelity_cdf.png")
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "load_before": load,
+            "load_1min_per_run": loads, "profile": profile.provenance.get("date"),
+            "real_wall_s": round(time.monotonic() - started, 1), "saturation_rps": saturation}
+    (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
+    print((out / "fidelity.md").read_text())
+    return table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="vllm-cpu-tiny-llama-tp1", help="name or path")
+    p.add_argument("--cluster", default=str(CLUSTER))
+    p.add_argument("--model-dir", default=str(TINY_MODEL_DIR))
+    p.add_argument("--out", default="outputs/fidelity")
+    p.add_argument("--rate-fracs", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[0.3, 0.55, 0.8, 0.95], help="fractions of the measured saturation")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="absolute rates (req/s) instead of --rate-fracs")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--saturation-requests", type=int, default=200)
+    p.add_argument("--trace", default=SHAREGPT)
+    p.add_argument("--trace-format", default="sharegpt")
+    p.add_argument("--length-scale", type=float, default=0.5)
+    p.add_argument("--max-context-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-load", type=float, default=0.7)
+    p.add_argument("--max-wait-s", type=float, default=600.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    return asyncio.run(fidelity(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

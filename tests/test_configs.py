@@ -1,0 +1,230 @@
+"""Every option of every Hydra group composes with conf/config.yaml and builds its object."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cpsim.latency import StepBatch
+from cpsim.models import load_model_spec
+from cpsim.parallelism import GPUBudget
+from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.types import RequestMetadata
+from cpsim.workload import Workload, default_trace_dir
+from experiments.build import build_instances, build_replicas, build_run
+from experiments.schema import register
+from experiments.study import grid, overrides_for
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("policy", "router", "pd", "cluster", "workload", "profile", "study", "parallelism")
+#: Groups the live manager uses, not the simulation config: each option is checked on its own.
+STANDALONE = ("backend",)
+#: Groups that conf/config.yaml's defaults list does not name (appended with ``+group=``).
+APPENDED: tuple[str, ...] = ()
+
+register()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _override(group: str, option: str) -> str:
+    return f"{'+' if group in APPENDED else ''}{group}={option}"
+
+
+CASES = [
+    pytest.param(group, option, id=f"{group}={option}")
+    for group in GROUPS
+    for option in options(group)
+]
+
+
+def test_every_group_directory_is_covered() -> None:
+    """A new group (a conf/ folder with options) must be added to GROUPS to be tested here."""
+    dirs = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    assert dirs == set(GROUPS) | set(STANDALONE)
+    assert all(options(g) for g in GROUPS)
+
+
+def _paths(node: Any) -> Iterator[str]:
+    """Every ``path`` value in a config node (trace files)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _paths(value)
+
+
+def _skip_without_traces(node: DictConfig) -> None:
+    plain = OmegaConf.to_container(node, resolve=True)
+    for path in _paths(plain):
+        if not (default_trace_dir() / path).exists():
+            pytest.skip(f"trace {path} is absent from {default_trace_dir()} (../shared/traces)")
+
+
+def _check_workload(node: DictConfig) -> None:
+    _skip_without_traces(node)
+    workload = instantiate(node)
+    assert isinstance(workload, Workload)
+    first = list(itertools.islice(workload.requests(0), 5))
+    assert len(first) == 5
+    times = [t for t, _ in first]
+    assert times == sorted(times) and times[0] >= 0.0
+    for _, request in first:
+        assert isinstance(request, RequestMetadata) and request.prompt_tokens >= 1
+        limit = node.get("max_context_tokens")
+        if limit is not None:
+            assert request.prompt_tokens + request.max_tokens <= limit
+
+
+def _profile_for(model: str) -> str | None:
+    """A profile option measured for ``model`` (short or full name), if there is one."""
+    names = {model, load_model_spec(model).name}
+    for option in options("profile"):
+        if OmegaConf.load(CONF_DIR / "profile" / f"{option}.yaml").get("model") in names:
+            return option
+    return None
+
+
+def _check_strategy(strategy: Any, option: str) -> None:
+    """A layout for a model the strategy applies to: expert parallelism needs a MoE, data
+    parallelism a model that fits one GPU, the others split a model that does not."""
+    name = {"expert": "mixtral-8x7b", "data": "opt-13b"}.get(option, "opt-66b")
+    model = load_model_spec(name)
+    layout = strategy.plan(model, GPUBudget(num_gpus=8, gpu_memory_gb=80.0))
+    assert 1 <= layout.gpu_count <= 8
+    if option == "expert":
+        assert layout.ep > 1
+
+
+def _check_object(group: str, option: str, cfg: DictConfig) -> None:
+    node = cfg[group]
+    if group == "workload":
+        _check_workload(node)
+        return
+    if group == "cluster":
+        cluster = OmegaConf.to_container(node, resolve=True)
+        profile = instantiate(cfg.profile)
+        for pd_on in (False, True):
+            replicas = build_replicas(cluster, profile, pd_on)
+            assert len(replicas) == len(build_instances(cluster, pd_on)) > 0
+            assert all(r.num_gpu_blocks > 0 for r in replicas)
+        matching = _profile_for(cluster["model"])
+        if matching is not None:  # the whole run builds with a profile of the cluster's model
+            for pd_option in ("~pd", "pd=threshold"):
+                overrides = [f"cluster={option}", f"profile={matching}", "workload=tiny", pd_option]
+                build_run(compose_config(overrides))
+        return
+    if group == "study":
+        runs = grid(node)
+        assert runs and len({tuple(sorted(r.items())) for r in runs}) == len(runs)
+        for key, values in (("policy", node.policies), ("router", node.routers)):
+            assert set(values) <= set(options(key)), f"study names unknown {key} options"
+        assert set(node.pd) <= {"off", *options("pd")}
+        composed = compose_config([*overrides_for(runs[-1]), "workload=tiny"])
+        assert composed.policy is not None
+        return
+    assert "_target_" in node, f"{group}/{option}.yaml has no _target_"
+    obj = instantiate(node)
+    if group == "policy":
+        assert isinstance(obj, SchedulingPolicy)
+    elif group == "router":
+        assert isinstance(obj, Router)
+    elif group == "pd":
+        assert isinstance(obj, PDPolicy)
+    elif group == "profile":
+        assert obj.step_time_s(StepBatch(512, 512 * 512, 0, 1)) > 0.0
+        assert obj.step_time_s(StepBatch(num_decode_seqs=8, decode_context_tokens=4096)) > 0.0
+        short = obj.model.rsplit("/", 1)[-1]
+        assert load_model_spec(short).name == obj.model
+    elif group == "parallelism":
+        _check_strategy(obj, option)
+
+
+@pytest.mark.parametrize(("group", "option"), CASES)
+def test_every_option_composes_and_instantiates(group: str, option: str) -> None:
+    overrides = [_override(group, option)]
+    if group != "workload":
+        overrides.append("workload=tiny")  # no trace files needed
+    cfg = compose_config(overrides)
+    assert cfg[group] is not None
+    _check_object(group, option, cfg)
+    if group in ("policy", "router", "pd"):  # the whole run builds (nothing runs)
+        setup = build_run(cfg)
+        assert len(setup.simulation.procs) == 4
+
+
+@pytest.mark.parametrize("option", options("parallelism"))
+def test_parallelism_options_instantiate_from_their_files(option: str) -> None:
+    node = OmegaConf.load(CONF_DIR / "parallelism" / f"{option}.yaml")
+    _check_strategy(instantiate(node), option)
+
+
+@pytest.mark.parametrize("option", options("backend"))
+def test_backend_options_instantiate_from_their_files(option: str) -> None:
+    node = OmegaConf.load(CONF_DIR / "backend" / f"{option}.yaml")
+    target = get_class(node["_target_"])
+    parameters = inspect.signature(target).parameters
+    unknown = {k for k in node if not k.startswith("_")} - set(parameters)
+    assert not unknown, f"backend/{option}.yaml keys {sorted(unknown)} are not arguments"
+    backend = instantiate(node)  # constructors only store settings; start() does the I/O
+    assert isinstance(backend, target)
+    assert backend.scrape_interval_s == node.get("scrape_interval_s", 0.5)
+
+
+def test_defaults_compose_to_the_main_study() -> None:
+    cfg = compose_config([])
+    assert cfg.pd is None and cfg.study is not None and cfg.seed == 0
+    assert cfg.policy._target_.endswith("FIFOPolicy")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "scrape_intervl_s=1",  # typo in a top-level key
+        "core.on_instance_failur=fail",  # typo in a nested key
+        "kv_link.bandwidth_gbp=10",
+        "scrape_interval_s=fast",  # wrong type (the schema says float)
+        "core.max_attempts=many",
+    ],
+)
+def test_bad_top_level_overrides_fail_at_compose_time(override: str) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config([override])
+
+
+def test_a_typo_in_the_config_file_fails_at_compose_time(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    compose_config([], conf)  # the copy composes as it is
+    with (conf / "config.yaml").open("a") as f:
+        f.write("scrape_intervl_s: 1.0\n")
+    with pytest.raises(ConfigCompositionException, match="scrape_intervl_s"):
+        compose_config([], conf)
+
+
+@pytest.mark.parametrize(("group", "option"), [("policy", "nope"), ("router", "fastest")])
+def test_unknown_group_option_fails_with_hydras_error(group: str, option: str) -> None:
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/{option}'") as err:
+        compose_config([f"{group}={option}"])
+    assert all(name in str(err.value) for name in options(group))  # lists what is available
