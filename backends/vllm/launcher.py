@@ -1,0 +1,254 @@
+"""Starts and stops vLLM OpenAI API servers from a cluster config (conf/cluster/vllm_*.yaml).
+
+``launch(cfg)`` starts ``num_instances`` servers (``python -m vllm.entrypoints.openai.api_server``),
+each in its own process session and group, logging to a file, waits until every ``/health``
+answers 200 and returns them as ``LaunchedEngine`` (with the ``ExecutionInstance`` to
+register). ``stop(engines)`` ends each whole process group (the server, its EngineCore and
+Worker): SIGTERM, then SIGKILL after a grace period. ``with launched(cfg) as engines:`` stops
+them however the block ends; a failed launch stops what it started before raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.vllm.engine_args import resolve_model_dir, server_cli_args
+from backends.vllm.pd import example_connector_config
+from cpsim.types import ExecutionInstance
+from cpsim.validation import check_positive
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _healthy(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class LaunchedEngine:
+    """One server process group; ``pid`` is the API server's and the group's id."""
+
+    instance: ExecutionInstance
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.instance.endpoint}/health"
+
+    def start(self) -> None:
+        """Start the server (again, on the same port, after a ``kill``)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.instance.metadata["pid"] = self.process.pid
+
+    def processes(self) -> list[int]:
+        """The group's live processes (empty once stopped)."""
+        if self.process is None:
+            return []
+        self.process.poll()  # reap the server if it exited
+        return group_pids(self.pid)
+
+    def is_healthy(self) -> bool:
+        return _healthy(self.health_url)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the whole process group (SIGKILL: a crash)."""
+        with contextlib.suppress(ProcessLookupError, AssertionError):
+            os.killpg(self.pid, sig)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the group, SIGKILL to whatever is left after ``grace_s``."""
+        if self.process is None:
+            return
+        self.kill(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.processes():
+            self.kill(signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1.0)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Block until /health answers 200; raise (with the log's tail) when the server
+        exits or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_healthy():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.instance.instance_id} exited with {self.process.returncode} before "
+                    f"/health answered; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.instance.instance_id}: no /health 200 at {self.health_url} within "
+                    f"{timeout_s} s; log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def log_tail(self, num_lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _section(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The launcher settings: ``cfg["vllm"]`` of a cluster config, or ``cfg`` itself."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except ImportError:
+        pass
+    return dict(cfg.get("vllm", cfg))
+
+
+def _vocab_size(model_dir: str) -> int:
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError):
+        return 32000
+
+
+def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> list[LaunchedEngine]:
+    """The engines ``launch`` would start (commands, env, instances), not started."""
+    c = _section(cluster_cfg)
+    num = int(c.get("num_instances", 1))
+    check_positive("num_instances", num, integer=True)
+    model_dir = resolve_model_dir(c.get("model_dir", "tiny-llama"))
+    tp = int(c.get("tensor_parallel_size", 1))
+    host, base_port = str(c.get("host", "127.0.0.1")), int(c.get("base_port", 8100))
+    types = list(c.get("instance_types") or ["general"])
+    binds = list(c.get("cpu_binds") or [])
+    logs = Path(log_dir or c.get("log_dir") or tempfile.mkdtemp(prefix="vllm-launch-"))
+    args: dict[str, Any] = {
+        "model": model_dir,
+        "load_format": c.get("load_format", "dummy"),
+        "tensor_parallel_size": tp,
+        **dict(c.get("engine_args") or {}),
+    }
+    if c.get("kv_shared_storage_path"):
+        args["kv_transfer_config"] = example_connector_config(c["kv_shared_storage_path"])
+    engines = []
+    for i in range(num):
+        port = base_port + i
+        env = {**os.environ, **{k: str(v) for k, v in dict(c.get("env") or {}).items()}}
+        if binds:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(binds[i % len(binds)])
+        command = [
+            str(c.get("python") or sys.executable),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            *server_cli_args(args),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *[str(a) for a in c.get("extra_args") or []],
+        ]
+        iid = f"{c.get('name_prefix', 'engine')}-{i}"
+        instance = ExecutionInstance(
+            iid,
+            host=host,
+            port=port,
+            model_name=Path(model_dir).name,
+            tensor_parallel_size=tp,
+            gpu_type="cpu",
+            cost_per_gpu_hour=0.0,
+            max_concurrent_requests=int(c.get("max_concurrent_requests", 64)),
+            instance_type=types[i % len(types)],
+            metadata={"vocab_size": _vocab_size(model_dir), "launched": True},
+        )
+        engines.append(LaunchedEngine(instance, command, env, logs / f"{iid}.log"))
+    return engines
+
+
+def launch(
+    cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None
+) -> list[LaunchedEngine]:
+    """Start the servers of ``cluster_cfg`` (see conf/cluster/vllm_cpu_tiny.yaml) and return
+    them once all answer /health. On any failure, stops all of them and raises."""
+    engines = plan(cluster_cfg, log_dir)
+    timeout_s = float(_section(cluster_cfg).get("health_timeout_s", 240.0))
+    try:
+        for engine in engines:
+            engine.start()
+        deadline = time.monotonic() + timeout_s
+        for engine in engines:
+            engine.wait_healthy(max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        stop(engines)
+        raise
+    return engines
+
+
+def stop(engines: list[LaunchedEngine], grace_s: float = 15.0) -> None:
+    """Stop every engine's process group (SIGTERM all, then SIGKILL what is left)."""
+    for engine in engines:
+        engine.kill(signal.SIGTERM)
+    for engine in engines:
+        engine.stop(grace_s)
+
+
+@contextlib.contextmanager
+def launched(
+    cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None
+) -> Iterator[list[LaunchedEngine]]:
+    """``with launched(cfg) as engines:`` the servers run inside the block only."""
+    engines = launch(cluster_cfg, log_dir)
+    try:
+        yield engines
+    finally:
+        stop(engines)

@@ -1,0 +1,222 @@
+"""The manager over two real vLLM OpenAI servers (backends/vllm/http.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from backends.vllm.http import HTTPBackend
+from backends.vllm.metrics_scrape import RUNNING, metric_sum, parse_prometheus_text
+from cpsim.manager import ControlPlaneManager
+from cpsim.types import ExecutionInstance, RequestMetadata, RequestStatus
+from cpsim.views import InstanceSnapshot
+
+pytestmark = pytest.mark.vllm
+
+
+class EventRecorder:
+    """Passes every engine event on to the manager's sink, keeping snapshots and instance
+    events for the test to read."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.snapshots: list[InstanceSnapshot] = []
+        self.instance_events: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self.snapshots.append(snapshot)
+        self.sink.on_snapshot(snapshot, now)
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        self.instance_events.append(("failed", instance_id))
+        self.sink.on_instance_failure(instance_id, reason, now)
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        self.instance_events.append(("recovered", instance_id))
+        self.sink.on_instance_recovered(instance_id, now)
+
+
+def _instances(engines: list[Any], **changes: Any) -> list[ExecutionInstance]:
+    out = []
+    for e in engines:
+        i = e.instance
+        out.append(
+            ExecutionInstance(
+                i.instance_id,
+                host=i.host,
+                port=i.port,
+                model_name=i.model_name,
+                max_concurrent_requests=64,
+                **changes,
+            )
+        )
+    return out
+
+
+def _server_running(engine: Any) -> float:
+    with urllib.request.urlopen(f"{engine.instance.endpoint}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    value = metric_sum(parse_prometheus_text(text), RUNNING)
+    assert value is not None, "vllm:num_requests_running missing from /metrics"
+    return value
+
+
+def _num_streaming(cp: ControlPlaneManager, metas: list[RequestMetadata]) -> int:
+    states = [cp.core.request_state(m.request_id) for m in metas]
+    return sum(1 for s in states if s is not None and s.first_token_s is not None)
+
+
+def _manager(**backend_kwargs: Any) -> tuple[ControlPlaneManager, HTTPBackend, EventRecorder]:
+    backend = HTTPBackend(scrape_interval_s=0.2, health_interval_s=0.5, **backend_kwargs)
+    cp = ControlPlaneManager(
+        routing_strategy="load_balanced", backend=backend, enable_monitoring=False
+    )
+    recorder = cp.events = EventRecorder(cp.events)  # the sink the backend is started with
+    return cp, backend, recorder
+
+
+def test_streams_count_tokens_exactly_and_metrics_become_snapshots(
+    http_engines: list[Any],
+) -> None:
+    async def main() -> tuple:
+        cp, _, recorder = _manager()
+        await cp.start()
+        for inst in _instances(http_engines):
+            await cp.register_instance(inst)
+        ids = []
+        for i in range(12):
+            meta = RequestMetadata(f"lb-{i}", num_prompt_tokens=30 + 50 * i, max_tokens=5 + 7 * i)
+            ids.append(await cp.submit_request(meta))
+        statuses = [await cp.wait_for_request(r, timeout_s=90) for r in ids]
+        await asyncio.sleep(0.5)
+        records = cp.get_request_records().set_index("request_id")
+        await cp.stop()
+        return statuses, records, recorder.snapshots
+
+    statuses, records, snapshots = asyncio.run(main())
+    assert statuses == [RequestStatus.COMPLETED] * 12
+    for i in range(12):
+        row = records.loc[f"lb-{i}"]
+        assert row["num_output_tokens"] == 5 + 7 * i == row["usage_completion_tokens"]
+        assert row["ttft_ms"] > 0 and row["latency_ms"] >= row["ttft_ms"]
+    assert set(records["instance_id"]) == {e.instance.instance_id for e in http_engines}
+    seen = {s.instance_id for s in snapshots}
+    assert seen == {e.instance.instance_id for e in http_engines}
+    assert all(s.num_running is not None and s.kv_cache_usage_frac is not None for s in snapshots)
+    assert all(s.is_healthy is None for s in snapshots)  # health is the health checks' job
+    assert any(s.prefix_cache_hit_rate is not None for s in snapshots)
+
+
+def test_cancel_closes_the_stream_and_the_server_aborts(http_engines: list[Any]) -> None:
+    engine = http_engines[0]
+
+    async def main() -> tuple:
+        cp, backend, _ = _manager()
+        await cp.start()
+        await cp.register_instance(_instances([engine])[0])
+        await cp.submit_request(RequestMetadata("long", num_prompt_tokens=80, max_tokens=1900))
+        iid = engine.instance.instance_id
+        while cp.core.request_state("long").first_token_s is None:
+            await asyncio.sleep(0.02)
+        running_before = await asyncio.to_thread(_server_running, engine)
+        assert await cp.cancel_request("long")
+        t0 = time.monotonic()
+        running_after = running_before
+        while time.monotonic() - t0 < 5 and running_after > 0:
+            await asyncio.sleep(0.05)
+            running_after = await asyncio.to_thread(_server_running, engine)
+        status = await cp.get_request_status("long")
+        in_flight = backend.in_flight(iid)
+        await cp.stop()
+        return running_before, running_after, time.monotonic() - t0, status, in_flight
+
+    before, after, took_s, status, in_flight = asyncio.run(main())
+    assert before == 1 and after == 0 and took_s < 5
+    assert status is RequestStatus.CANCELLED and in_flight == 0
+
+
+def test_a_frozen_server_is_marked_unhealthy_and_recovers(http_engines: list[Any]) -> None:
+    """SIGSTOP the API server (its engine lives on): /health stops answering, the instance
+    fails after ``unhealthy_after`` probes; SIGCONT: the next good probe recovers it."""
+    engine = http_engines[0]
+    iid = engine.instance.instance_id
+
+    async def main() -> tuple:
+        cp, backend, recorder = _manager(health_timeout_s=0.5, unhealthy_after=2)
+        backend.health_interval_s = 0.2
+        await cp.start()
+        await cp.register_instance(_instances([engine])[0])
+        os.kill(engine.pid, signal.SIGSTOP)
+        try:
+            while backend.is_healthy(iid):
+                await asyncio.sleep(0.05)
+            down = (await cp.get_instance_metrics(iid))["is_healthy"]
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
+        while not backend.is_healthy(iid):
+            await asyncio.sleep(0.05)
+        up = (await cp.get_instance_metrics(iid))["is_healthy"]
+        await cp.submit_request(RequestMetadata("after", num_prompt_tokens=10, max_tokens=3))
+        status = await cp.wait_for_request("after", timeout_s=30)
+        await cp.stop()
+        return down, up, status, recorder.instance_events
+
+    down, up, status, events = asyncio.run(main())
+    assert (down, up) == (False, True)
+    assert events == [("failed", iid), ("recovered", iid)]
+    assert status is RequestStatus.COMPLETED
+
+
+@pytest.mark.kills_engine
+def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
+    http_engines: list[Any],
+) -> None:
+    """SIGKILL one server's process group mid-run: every request ends in exactly one state
+    (completed, retried on the other engine, or failed with a reason naming the dead one)."""
+    victim, survivor = http_engines[1], http_engines[0]
+    dead, alive = victim.instance.instance_id, survivor.instance.instance_id
+
+    async def main() -> tuple:
+        cp, backend, recorder = _manager(unhealthy_after=2)
+        await cp.start()
+        for inst in _instances(http_engines):
+            await cp.register_instance(inst)
+        first = [RequestMetadata(f"fo-{i}", num_prompt_tokens=64, max_tokens=400) for i in range(9)]
+        for meta in first:
+            await cp.submit_request(meta)
+        while _num_streaming(cp, first) < 6:
+            await asyncio.sleep(0.02)
+        victim.kill(signal.SIGKILL)
+        late = [RequestMetadata(f"late-{i}", num_prompt_tokens=40, max_tokens=20) for i in range(6)]
+        for meta in late:  # some may still be routed to the dead engine: they must retry
+            await cp.submit_request(meta)
+        await cp.drain(timeout_s=120)
+        healthy = (await cp.get_instance_metrics(dead))["is_healthy"], backend.is_healthy(dead)
+        records = cp.get_request_records().set_index("request_id")
+        await cp.stop()
+        return records, healthy, recorder.instance_events
+
+    records, healthy, instance_events = asyncio.run(main())
+    assert healthy == (False, False)
+    assert ("failed", dead) in instance_events and ("failed", alive) not in instance_events
+    assert len(records) == 15  # nothing lost, nothing doubled
+    for rid, row in records.iterrows():
+        if row["status"] == "COMPLETED":
+            assert row["instance_id"] == alive, rid  # finished on the survivor
+            assert row["num_output_tokens"] in (400, 20)
+        else:
+            assert row["status"] == "FAILED", rid
+            assert dead in row["reason"], (rid, row["reason"])
+    late = records.loc[[f"late-{i}" for i in range(6)]]
+    assert (late["status"] == "COMPLETED").all()  # no token yet: retried on the survivor
+    assert (records["status"] == "COMPLETED").sum() >= 6  # the survivor's own requests
+    assert victim.processes() == []
