@@ -44,6 +44,9 @@ RECORD_COLUMNS = (
     "policy",
     "attempts",
 )
+#: What ``summarize`` reads: a run's summary never needs the rest.
+SUMMARY_COLUMNS = ("status", "latency_ms", "ttft_ms", "tpot_ms", "num_prompt_tokens",
+                   "num_output_tokens", "slo_met")
 _CATEGORICAL = (
     "user_id",
     "priority",
@@ -112,14 +115,19 @@ class RecordStore:
     def __len__(self) -> int:
         return self._total
 
-    def frame(self) -> pd.DataFrame:
+    def frame(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All rows so far (only ``columns`` when given: reading a few columns back from
+        spilled chunks keeps a summary of a long run cheap)."""
         self._freeze()
-        parts = [pd.read_parquet(p) for p in self._spilled] + self._chunks
+        chunks = self._chunks if columns is None else [c[columns] for c in self._chunks]
+        parts = [pd.read_parquet(p, columns=columns) for p in self._spilled] + chunks
         if not parts:
-            return pd.DataFrame({c: pd.Series(dtype=object) for c in RECORD_COLUMNS})
+            names = RECORD_COLUMNS if columns is None else columns
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in names})
         frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
         for name in _CATEGORICAL:
-            frame[name] = frame[name].astype(object).astype("category")
+            if name in frame:
+                frame[name] = frame[name].astype(object).astype("category")
         return frame
 
 
@@ -215,7 +223,7 @@ class MetricsCollector:
         num_queued: int = 0,
         records: pd.DataFrame | None = None,
     ) -> PerformanceMetrics:
-        df = self.records() if records is None else records
+        df = self.store.frame(list(SUMMARY_COLUMNS)) if records is None else records
         return summarize(
             df,
             window_s=(now - self.first_arrival_s) if self.first_arrival_s is not None else 0.0,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pandas as pd
@@ -55,15 +56,21 @@ class KVLink:
 
 @dataclass
 class RunResult:
-    """What a simulation produced: one row per request, per-instance time series sampled at
-    each scrape, the summary, and how long it took in virtual and wall seconds."""
+    """What a simulation produced: one row per request (``requests``, read on first use, so
+    a run whose records were spilled to disk does not hold them all in memory unless
+    asked), per-instance time series sampled at each scrape, the summary, and how long it
+    took in virtual and wall seconds."""
 
-    requests: pd.DataFrame
+    load_requests: Callable[[], pd.DataFrame] = field(repr=False)
     instances: pd.DataFrame
     metrics: PerformanceMetrics
     sim_time_s: float
     wall_time_s: float
     info: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def requests(self) -> pd.DataFrame:
+        return self.load_requests()
 
 
 class _SeriesRecorder:
@@ -171,7 +178,7 @@ class ClusterSimulation:
         end = self.env.now
         metrics = self.cp.metrics.summary(end, self._instance_states())
         return RunResult(
-            requests=self.cp.metrics.records(),
+            load_requests=self.cp.metrics.records,
             instances=self.series.frame() if self.series else pd.DataFrame(),
             metrics=metrics,
             sim_time_s=end,
