@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from cpsim.datafiles import data_names, from_known_keys, read_data
 from cpsim.validation import check_positive
-
-_DATA = "data/gpus"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,25 +42,15 @@ class GPUSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPUSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPU-spec keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "GPU-spec")
 
 
 def available_gpus() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("cpsim").joinpath(_DATA).iterdir()
-                  if p.name.endswith(".json"))
+    return data_names("gpus")
 
 
 @cache
 def load_gpu_spec(name: str) -> GPUSpec:
     """A spec by name, any case (``A100-80GB``, ``h100-sxm``), or from a JSON path."""
-    path = Path(name)
-    if path.suffix == ".json" and path.exists():
-        return GPUSpec.from_dict(json.loads(path.read_text()))
-    entry = resources.files("cpsim").joinpath(f"{_DATA}/{name.strip().lower()}.json")
-    if not entry.is_file():
-        raise ValueError(f"unknown GPU {name!r}; allowed: {', '.join(available_gpus())}")
-    return GPUSpec.from_dict(json.loads(entry.read_text()))
+    key = name if name.endswith(".json") else name.strip().lower()
+    return GPUSpec.from_dict(read_data("gpus", key, "GPU"))

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from cpsim.datafiles import data_names, from_known_keys, read_data
 from cpsim.validation import check_positive
-
-_DATA = "data/models"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,28 +72,14 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model-spec keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "model-spec")
 
 
 def available_models() -> list[str]:
-    return sorted(
-        p.name[:-5]
-        for p in resources.files("cpsim").joinpath(_DATA).iterdir()
-        if p.name.endswith(".json")
-    )
+    return data_names("models")
 
 
 @cache
 def load_model_spec(name: str) -> ModelSpec:
     """A spec by short name (``llama-3-8b``) from cpsim's data files, or from a JSON path."""
-    path = Path(name)
-    if path.suffix == ".json" and path.exists():
-        return ModelSpec.from_dict(json.loads(path.read_text()))
-    entry = resources.files("cpsim").joinpath(f"{_DATA}/{name}.json")
-    if not entry.is_file():
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(available_models())}")
-    return ModelSpec.from_dict(json.loads(entry.read_text()))
+    return ModelSpec.from_dict(read_data("models", name, "model"))
