@@ -25,7 +25,31 @@ TERMS = (
     "prefill_context_token_s",  # per context token a prefill chunk attends to
     "decode_seq_s",  # per decoding sequence
     "decode_context_token_s",  # per context token the decoding sequences attend to
+    "serving_step_s",  # per step, outside the engine step (engine-core IPC, output processing)
+    "serving_seq_s",  # per sequence in the step, outside the engine step (per-request outputs)
+    "step_token_sq_s",  # per squared token count of the step (working set outgrowing caches)
+    "serving_prefill_token_s",  # per prefill token, what the serving path adds (worker, inputs)
 )
+
+
+def step_features(batch: StepBatch) -> tuple[float, ...]:
+    """The units each term of TERMS is paid for in one step (the fit's design row)."""
+    if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
+        return (0.0,) * len(TERMS)
+    prefill = 1.0 if batch.num_prefill_tokens else 0.0
+    return (
+        1.0,
+        prefill,
+        float(batch.num_prefill_tokens),
+        float(batch.sum_sq_prefill_tokens),
+        float(batch.prefill_context_tokens),
+        float(batch.num_decode_seqs),
+        float(batch.decode_context_tokens),
+        1.0,
+        float(batch.num_decode_seqs + batch.num_prefill_seqs),
+        float(batch.num_prefill_tokens + batch.num_decode_seqs) ** 2,
+        float(batch.num_prefill_tokens),
+    )
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "profile"
 
@@ -48,8 +72,10 @@ class ProfiledLatencyModel:
     ``large_batch_coefficients`` is given, steps with at least ``large_batch_min_decode_seqs``
     decoding sequences use it instead (published profiles fit small and large decode batches
     apart). A separate ``prefill_step_s`` exists because published fits price prefill-only
-    and decode-only steps with different constants. Prices a step (StepLatencyModel) and
-    predicts a request (LatencyModel)."""
+    and decode-only steps with different constants. The ``serving_*`` terms price what the
+    serving path adds to each engine step (engine-core IPC and the frontend's per-request
+    output processing, measured through AsyncLLM); they are 0 in engine-only profiles.
+    Prices a step (StepLatencyModel) and predicts a request (LatencyModel)."""
 
     def __init__(
         self,
@@ -106,8 +132,14 @@ class ProfiledLatencyModel:
     def step_time_s(self, batch: StepBatch) -> float:
         if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
             return 0.0
-        step, pstep, ptok, psq, pctx, dseq, dctx = self._terms(batch.num_decode_seqs)
-        time_s = step + dseq * batch.num_decode_seqs + dctx * batch.decode_context_tokens
+        step, pstep, ptok, psq, pctx, dseq, dctx, sstep, sseq, tsq, sptok = self._terms(
+            batch.num_decode_seqs
+        )
+        time_s = step + sstep + dseq * batch.num_decode_seqs + dctx * batch.decode_context_tokens
+        if sseq:
+            time_s += sseq * (batch.num_decode_seqs + batch.num_prefill_seqs)
+        if tsq:
+            time_s += tsq * float(batch.num_prefill_tokens + batch.num_decode_seqs) ** 2
         if batch.num_prefill_tokens:
             time_s += (
                 pstep
@@ -115,14 +147,17 @@ class ProfiledLatencyModel:
                 + psq * batch.sum_sq_prefill_tokens
                 + pctx * batch.prefill_context_tokens
             )
+            if sptok:
+                time_s += sptok * batch.num_prefill_tokens
         return max(0.0, time_s)
 
     def decode_step_times_s(
         self, num_decode_seqs: int, context_tokens: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float64]:
         """Times of pure decode steps of ``num_decode_seqs`` sequences, one per context value."""
-        step, _, _, _, _, dseq, dctx = self._terms(num_decode_seqs)
-        times = (step + dseq * num_decode_seqs) + dctx * np.asarray(context_tokens, np.float64)
+        step, _, _, _, _, dseq, dctx, sstep, sseq, tsq, _ = self._terms(num_decode_seqs)
+        fixed = step + sstep + (dseq + sseq) * num_decode_seqs + tsq * num_decode_seqs**2
+        times = fixed + dctx * np.asarray(context_tokens, np.float64)
         return np.maximum(times, 0.0)
 
     def decode_step_linear_s(
@@ -132,8 +167,9 @@ class ProfiledLatencyModel:
         grows by ``context_increment_tokens`` per step; None where that form does not hold."""
         if num_decode_seqs == 0:
             return None
-        step, _, _, _, _, dseq, dctx = self._terms(num_decode_seqs)
-        first = step + dseq * num_decode_seqs + dctx * first_context_tokens
+        step, _, _, _, _, dseq, dctx, sstep, sseq, tsq, _ = self._terms(num_decode_seqs)
+        first = step + sstep + (dseq + sseq) * num_decode_seqs + dctx * first_context_tokens
+        first += tsq * num_decode_seqs**2
         if first < 0.0 or dctx < 0.0:
             return None
         return first, dctx * context_increment_tokens

@@ -103,7 +103,8 @@ def build_replicas(
     utilization = cluster.get("replica", {}).get("gpu_memory_utilization", 0.9)
     for inst in build_instances(cluster, pd_enabled):
         config = ReplicaConfig.from_instance(inst, gpu_memory_utilization=utilization)
-        blocks = num_kv_blocks(
+        # an explicit count (what a real engine reported) wins over the memory estimate
+        blocks = cluster.get("replica", {}).get("num_gpu_blocks") or num_kv_blocks(
             model,
             inst.gpu_memory_gb,
             inst.tensor_parallel_size,

@@ -218,11 +218,53 @@ def plot_cdfs(runs: Sequence[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path
 
 
 # ---------------------------------------------------------------------- main
+def requests_of(records: pd.DataFrame) -> list[tuple[float, RequestMetadata]]:
+    """A real run's requests at the times they arrived (to re-simulate a saved run)."""
+    t0 = float(records["arrival_time_s"].min())
+    return sorted(((float(r.arrival_time_s) - t0, RequestMetadata(
+        str(r.request_id), max_tokens=int(r.num_output_tokens),
+        num_prompt_tokens=int(r.num_prompt_tokens))) for r in records.itertuples()),
+        key=lambda x: x[0])
+
+
+def resimulate(args: argparse.Namespace, cluster: dict[str, Any], profile: ProfiledLatencyModel,
+               out: Path) -> pd.DataFrame:
+    """Only the simulated side again, over the real records saved in ``args.reuse_real``."""
+    saved = Path(args.reuse_real)
+    old = pd.read_csv(saved / "fidelity.csv").drop_duplicates("run").set_index("run")
+    runs = []
+    for label in old.index:
+        real = pd.read_parquet(saved / f"real-{label}.parquet")
+        sim = run_sim(cluster, profile, requests_of(real))
+        runs.append((label, float(old.rate_rps[label]), float(old.load_frac[label]), real, sim))
+    meta = json.loads((saved / "fidelity.json").read_text())
+    meta["resimulated_with"] = str(args.profile)
+    return report(runs, out, meta)
+
+
+def report(runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]], out: Path,
+           meta: dict[str, Any]) -> pd.DataFrame:
+    """Records, the tables, the CDF plot and the run's facts under ``out``."""
+    rows = []
+    for label, rate, frac, real, sim in runs:
+        rows += compare(label, rate, frac, real, sim)
+        real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
+        sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
+    table = write_tables(rows, out)
+    plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
+              out / "fidelity_cdf.png")
+    (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
+    print((out / "fidelity.md").read_text())
+    return table
+
+
 async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cluster = load_cluster(Path(args.cluster))
     profile = load_profile(args.profile)
+    if args.reuse_real:
+        return resimulate(args, cluster, profile, out)
     instance = build_instances(cluster, pd_enabled=False)[0]
     load = wait_for_quiet(args.max_load, args.max_wait_s)
     engine = await start_local_engine(engine_args_of(cluster, str(args.model_dir)))
@@ -233,8 +275,8 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
         burst = workload(0.0, args.saturation_requests, args, "sat-")
         real = await run_real(engine, instance, burst)
         saturation = summarize(real)["throughput_rps"]
-        runs.append(("saturation", 0.0, 1.0, real, run_sim(cluster, profile,
-                                                            real_arrivals(real, burst))))
+        runs.append(("saturation", 0.0, 1.0, real,
+                     run_sim(cluster, profile, real_arrivals(real, burst))))
         print(f"saturation: {saturation:.2f} req/s", flush=True)
         rates = args.rates or [f * saturation for f in args.rate_fracs]
         for i, rate in enumerate(rates):
@@ -247,20 +289,11 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
             print(f"rate {rate:.2f} req/s done", flush=True)
     finally:
         await engine.shutdown()
-    rows = []
-    for label, rate, frac, real, sim in runs:
-        rows += compare(label, rate, frac, real, sim)
-        real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
-        sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
-    table = write_tables(rows, out)
-    plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
-              out / "fidelity_cdf.png")
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "load_before": load,
-            "load_1min_per_run": loads, "profile": profile.provenance.get("date"),
+            "load_1min_per_run (rate, before, after)": loads,
+            "profile_date": profile.provenance.get("date"),
             "real_wall_s": round(time.monotonic() - started, 1), "saturation_rps": saturation}
-    (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
-    print((out / "fidelity.md").read_text())
-    return table
+    return report(runs, out, meta)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -281,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length-scale", type=float, default=0.5)
     p.add_argument("--max-context-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-real", default=None, metavar="DIR",
+                   help="re-simulate the real runs saved in DIR (no engine is started)")
     p.add_argument("--max-load", type=float, default=0.7)
     p.add_argument("--max-wait-s", type=float, default=600.0)
     return p.parse_args(argv)
