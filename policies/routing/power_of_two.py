@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cpsim.validation import check_non_negative
 from cpsim.views import InstanceView, RequestView
 from policies.routing.ranking import pick_least_loaded
+from policies.routing.rng import router_rng
 
 
 class PowerOfTwoRouter:
@@ -17,9 +17,7 @@ class PowerOfTwoRouter:
     name = "power_of_two"
 
     def __init__(self, seed: int | None = 0, rng: np.random.Generator | None = None) -> None:
-        if seed is not None:
-            check_non_negative("seed", seed, integer=True)
-        self.rng = rng if rng is not None else np.random.default_rng(seed)
+        self.rng = router_rng(seed, rng)
 
     def route(
         self, request: RequestView, candidates: Sequence[InstanceView], now: float
