@@ -20,6 +20,7 @@ from cpsim.requests import RequestState
 from cpsim.types import (
     ExecutionInstance,
     ExecutionInstanceType,
+    PerformanceMetrics,
     RequestMetadata,
     RequestStatus,
 )
@@ -495,6 +496,10 @@ class ControlPlane:
 
     def active_ids(self) -> Iterable[str]:
         return self._requests.keys()
+
+    def summary(self, now: float) -> PerformanceMetrics:
+        """The run summary so far: terminal records plus what is still active."""
+        return self.metrics.summary(now, self._instances, self.num_active, self.num_queued)
 
     def queued_views(self) -> list[RequestView]:
         return [r.view for r in self._queue]

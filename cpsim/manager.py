@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -301,9 +301,7 @@ class ControlPlaneManager:
     # ------------------------------------------------------------------ reports
     async def get_metrics(self) -> PerformanceMetrics:
         now = self._now()
-        return self.core.metrics.summary(
-            now, self._instance_states(), self.core.num_active, self.core.num_queued
-        )
+        return self.core.summary(now)
 
     def get_request_records(self) -> pd.DataFrame:
         return self.core.metrics.records()
@@ -325,12 +323,6 @@ class ControlPlaneManager:
     async def update_policy(self, scheduling_policy: str) -> None:
         self.core.policy = make_scheduling_policy(scheduling_policy)
         self._pump()
-
-    def _instance_states(self) -> Mapping[str, Any]:
-        return {
-            v.instance_id: self.core.instance_state(v.instance_id)
-            for v in self.core.instance_views()
-        }
 
     # ------------------------------------------------------------------ internals
     def _pump(self) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from backends.sim.cluster import RunResult
 from experiments.build import build_run, run_setup
 from experiments.schema import register
-from experiments.study import StudyResult, grid, run_study
+from experiments.study import StudyResult, base_overrides, grid, run_study
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -35,5 +35,5 @@ def simulate(*overrides: str) -> RunResult:
 def study(out_dir: str | Path, *overrides: str) -> StudyResult:
     """The study of the composed config (``conf/study``), files written under ``out_dir``."""
     cfg = compose_config(*overrides)
-    base = [o for o in overrides if o.split("=")[0].lstrip("~+") not in ("policy", "router", "pd")]
+    base = base_overrides(list(overrides))
     return run_study(grid(cfg.study), lambda extra: compose_config(*base, *extra), Path(out_dir))

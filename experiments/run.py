@@ -17,9 +17,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from experiments.build import build_run, run_setup
-from experiments.report import summary_row
+from experiments.report import LABELS, summary_row
 from experiments.schema import register
-from experiments.study import grid, run_study
+from experiments.study import base_overrides, grid, run_study
 
 log = logging.getLogger("cpsim.experiments")
 register()
@@ -28,7 +28,7 @@ register()
 def single_run(cfg: DictConfig, out_dir: Path) -> float:
     """One simulation: records, per-instance series and a summary under ``out_dir``."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    labels = {k: str(choices.get(k) or "off") for k in ("policy", "router", "pd")}
+    labels = {k: str(choices.get(k) or "off") for k in LABELS}
     result = run_setup(build_run(cfg, labels=labels))
     row = summary_row(labels, result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,11 +40,7 @@ def single_run(cfg: DictConfig, out_dir: Path) -> float:
 
 
 def study_run(cfg: DictConfig, out_dir: Path) -> float:
-    task_overrides = [
-        o
-        for o in HydraConfig.get().overrides.task
-        if o.split("=")[0].lstrip("~+") not in ("policy", "router", "pd")
-    ]
+    task_overrides = base_overrides(list(HydraConfig.get().overrides.task))
 
     def compose(extra: list[str]) -> DictConfig:
         return hydra.compose(config_name="config", overrides=task_overrides + extra)

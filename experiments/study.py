@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from experiments.build import build_run, run_setup
 from experiments.report import (
+    LABELS,
     format_table,
     plot_goodput,
     plot_latency_cdfs,
@@ -56,6 +57,11 @@ def grid(study: DictConfig) -> list[dict[str, str]]:
     return runs
 
 
+def base_overrides(overrides: list[str]) -> list[str]:
+    """The overrides a study keeps for every run: all but those of the factors it varies."""
+    return [o for o in overrides if o.split("=")[0].lstrip("~+") not in LABELS]
+
+
 def overrides_for(run: dict[str, str]) -> list[str]:
     out = [f"policy={run['policy']}", f"router={run['router']}"]
     out.append("~pd" if run["pd"] == "off" else f"pd={run['pd']}")
@@ -83,7 +89,7 @@ def run_study(
         )
     summary = pd.DataFrame(rows)
     requests = pd.concat(frames, ignore_index=True)
-    for col in ("run", "policy", "router", "pd"):
+    for col in ("run", *LABELS):
         requests[col] = requests[col].astype("category")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -176,7 +176,7 @@ class ClusterSimulation:
         if bar is not None:
             bar.close()
         end = self.env.now
-        metrics = self.cp.metrics.summary(end, self._instance_states())
+        metrics = self.cp.summary(end)
         return RunResult(
             load_requests=self.cp.metrics.records,
             instances=self.series.frame() if self.series else pd.DataFrame(),
@@ -236,9 +236,6 @@ class ClusterSimulation:
     def _check_done(self) -> None:
         if self._arrivals_done and self.cp.num_active == 0 and not self._done.triggered:
             self._done.succeed()
-
-    def _instance_states(self) -> Mapping[str, Any]:
-        return {iid: self.cp.instance_state(iid) for iid in self.procs}
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
