@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import numpy as np
@@ -13,13 +13,16 @@ from backends.sim.decode_set import linear_run_end_s, linear_run_steps_done
 from backends.sim.faults import Fault
 from backends.sim.replica import SimReplica
 from backends.sim.request import SimRequest
-from backends.sim.step import StepOutcome
+from backends.sim.step import StepOutcome, StepPlan
 from cpsim.backend import EngineEvents
 from cpsim.validation import check_choice
 from cpsim.views import InstanceSnapshot, Phase
 
 TokenReports = Literal["finish", "step"]
 _INF = math.inf
+# driver states: no work (or down); stalled; one step or the end of a run in flight; a decode
+# run in flight (a wake-up cuts it short)
+_IDLE, _STALLED, _BUSY, _RUN = "idle", "stalled", "busy", "run"
 
 
 class ReplicaProcess:
@@ -29,6 +32,10 @@ class ReplicaProcess:
     (schedule, wait the priced step time, apply) or, when the next steps are a pure decode run,
     the whole run in one wait that a wake-up cuts short: the step in progress then finishes
     (a real engine finishes its step before admitting) and the run stops there.
+
+    It is a state machine of event callbacks, not a generator process: each step, run or stall
+    is one SimPy timeout whose callback applies it and starts what comes next (about 10 %
+    faster than resuming a process per event, with the same results).
 
     ``token_reports="finish"`` reports the first token at its exact time and the remaining
     tokens in one ``on_tokens`` call just before ``on_finish`` (cheap: no per-step calls);
@@ -53,17 +60,23 @@ class ReplicaProcess:
         self.is_up = True
         self.num_crashes = 0
         self._phases: dict[str, Phase] = {}
-        self._wake = env.event()
+        self._state = _IDLE
+        self._wake_due = False
         self._start_s = float(env.now)
         self._busy_s = 0.0
         self._step_start_s: float | None = None
         self._slowdown = 1.0
         self._stalled_until_s = -_INF
         self._stall_debt_s = 0.0
-        self._timer: simpy.Event | None = None
+        self._pending: simpy.Event | None = None  # ends the work in flight
+        self._then: Callable[[], None] | None = None  # what follows it
+        self._plan: StepPlan | None = None
+        self._run_horizon = 0
+        self._run_done = 0
+        self._run_linear = (0.0, 0.0)
+        self._run_times: np.ndarray | None = None
         self._in_run = False
         self._deferred_aborts: list[str] = []
-        self._proc = env.process(self._loop())
 
     # ------------------------------------------------------------------ inputs
     def submit(self, req: SimRequest, phase: Phase) -> None:
@@ -144,114 +157,146 @@ class ReplicaProcess:
     def slowdown(self) -> float:
         return self._slowdown
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the driver
     def _poke(self) -> None:
-        if not self._wake.triggered:
-            self._wake.succeed()
+        """Something changed (submit, abort, fault): look again once, at this instant, after
+        the events already due now (so requests submitted together are scheduled together)."""
+        if not self._wake_due:
+            self._wake_due = True
+            self.env.timeout(0.0).callbacks.append(self._on_wake)
 
-    def _new_wake(self) -> simpy.Event:
-        self._wake = self.env.event()
-        return self._wake
+    def _on_wake(self, _event: simpy.Event) -> None:
+        self._wake_due = False
+        state = self._state
+        if state is _RUN:
+            self._cut_run()
+        elif state is not _BUSY:  # idle or stalled: decide again
+            self._next()
 
-    def _loop(self) -> Generator[simpy.Event, Any, None]:
-        while True:
-            try:
-                yield from self._serve()
-            except simpy.Interrupt:
-                self._step_start_s = None  # crashed: the work in flight is lost
+    def _wait(self, delay_s: float, then: Callable[[], None]) -> None:
+        """Work in flight for ``delay_s``; then (after any stall that began meanwhile) ``then``."""
+        event = self._pending = self.env.timeout(delay_s)
+        event.callbacks.append(self._on_pending)
+        self._then = then
 
-    def _serve(self) -> Generator[simpy.Event, Any, None]:
-        env, rep = self.env, self.replica
-        while True:
-            if not self.is_up or not rep.has_work:
-                yield self._new_wake()
-            elif env.now < self._stalled_until_s:
-                wake = self._new_wake()
-                if self._stalled_until_s < _INF:
-                    yield env.timeout(self._stalled_until_s - env.now) | wake
-                else:
-                    yield wake
-            else:
-                horizon = rep.decode_horizon() if self.use_decode_runs else 0
-                if horizon >= 2:
-                    yield from self._decode_run(horizon)
-                else:
-                    yield from self._one_step()
+    def _on_pending(self, event: simpy.Event) -> None:
+        if event is self._pending:  # else stale: cut short, or lost in a crash
+            self._pending = None
+            self._work_done()
 
-    def _one_step(self) -> Generator[simpy.Event, Any, None]:
+    def _work_done(self) -> None:
+        debt = self._stall_debt_s
+        if debt > 0:  # a stall that began during the work delays its end by the stall's length
+            self._stall_debt_s = 0.0
+            self._state = _BUSY
+            if debt < _INF:
+                event = self._pending = self.env.timeout(debt)
+                event.callbacks.append(self._on_pending)
+            return  # a stall for good: only a crash ends it
+        start = self._step_start_s
+        if start is not None:
+            self._busy_s += self.env.now - start
+            self._step_start_s = None
+        then, self._then = self._then, None
+        if then is not None:
+            then()
+
+    def _next(self) -> None:
+        """Start what comes next: nothing, a stall, a decode run or one step."""
+        rep = self.replica
+        if not self.is_up or not rep.has_work:
+            self._state = _IDLE
+            return
+        now = self.env.now
+        if now < self._stalled_until_s:
+            self._state = _STALLED
+            if self._stalled_until_s < _INF:
+                self.env.timeout(self._stalled_until_s - now).callbacks.append(self._on_stall_end)
+            return
+        horizon = rep.decode_horizon() if self.use_decode_runs else 0
+        if horizon >= 2:
+            self._start_run(horizon)
+        else:
+            self._start_step()
+
+    def _on_stall_end(self, _event: simpy.Event) -> None:
+        if self._state is _STALLED:
+            self._next()
+
+    def _start_step(self) -> None:
         rep = self.replica
         plan = rep.schedule()
         if plan.is_empty:  # nothing admissible and nothing running: wait for a change
             rep.update_from_output(plan)
-            yield self._new_wake()
+            self._state = _IDLE
             return
-        duration = rep.latency.step_time_s(plan.batch) * self._slowdown
-        start = self._step_start_s = self.env.now
-        yield self.env.timeout(duration)
-        if self._stall_debt_s > 0:
-            yield from self._pay_stalls(start)
-        else:
-            self._busy_s += self.env.now - start
-            self._step_start_s = None
-        self._report(rep.update_from_output(plan))
+        self._plan = plan
+        self._state = _BUSY
+        self._step_start_s = self.env.now
+        self._wait(rep.latency.step_time_s(plan.batch) * self._slowdown, self._end_step)
 
-    def _decode_run(self, horizon: int) -> Generator[simpy.Event, Any, None]:
-        env, rep, scale = self.env, self.replica, self._slowdown
+    def _end_step(self) -> None:
+        plan, self._plan = self._plan, None
+        assert plan is not None
+        self._report(self.replica.update_from_output(plan))
+        self._next()
+
+    def _start_run(self, horizon: int) -> None:
+        rep, scale = self.replica, self._slowdown
         linear = rep.decode_run_linear_s(horizon)
-        times: np.ndarray | None = None
         if linear is not None:
-            first, increment = linear[0] * scale, linear[1] * scale
-            total = linear_run_end_s(first, increment, horizon)
+            self._run_linear = (linear[0] * scale, linear[1] * scale)
+            self._run_times = None
+            total = linear_run_end_s(linear[0] * scale, linear[1] * scale, horizon)
         else:
-            times = rep.decode_run_times_s(horizon) * scale
+            self._run_times = times = rep.decode_run_times_s(horizon) * scale
             total = float(times[-1])
-        start = self._step_start_s = env.now
+        self._run_horizon = horizon
+        self._state = _RUN
         self._in_run = True
-        wake = self._new_wake()
-        timer = self._timer = env.timeout(total)
-        timer.callbacks.append(self._on_timer)
-        yield wake
-        num_steps = horizon
-        if not timer.processed:  # woken early: the step in flight finishes, then the run stops
-            self._timer = None
-            elapsed = env.now - start
-            if times is None:
-                num_steps = linear_run_steps_done(first, increment, elapsed)
-                step_end = linear_run_end_s(first, increment, num_steps)
-                in_flight = num_steps == 0 or step_end < elapsed
-                next_end = linear_run_end_s(first, increment, num_steps + 1)
-            else:
-                num_steps = int(np.searchsorted(times, elapsed, side="right"))
-                in_flight = num_steps == 0 or times[num_steps - 1] < elapsed
-                next_end = float(times[num_steps]) if num_steps < horizon else 0.0
-            if num_steps < horizon and in_flight:
-                yield env.timeout(next_end - elapsed)
-                num_steps += 1
-        if self._stall_debt_s > 0:
-            yield from self._pay_stalls(start)
+        self._step_start_s = self.env.now
+        self._wait(total, self._end_run_whole)
+
+    def _cut_run(self) -> None:
+        """Woken during a run: the step in flight finishes, then the run stops."""
+        horizon, times = self._run_horizon, self._run_times
+        assert self._step_start_s is not None
+        elapsed = self.env.now - self._step_start_s
+        if times is None:
+            first, increment = self._run_linear
+            num_steps = linear_run_steps_done(first, increment, elapsed)
+            step_end = linear_run_end_s(first, increment, num_steps)
+            in_flight = num_steps == 0 or step_end < elapsed
+            next_end = linear_run_end_s(first, increment, num_steps + 1)
         else:
-            self._busy_s += env.now - start
-            self._step_start_s = None
+            num_steps = int(np.searchsorted(times, elapsed, side="right"))
+            in_flight = num_steps == 0 or times[num_steps - 1] < elapsed
+            next_end = float(times[num_steps]) if num_steps < horizon else 0.0
+        self._state = _BUSY
+        if num_steps < horizon and in_flight:
+            self._run_done = num_steps + 1
+            self._wait(next_end - elapsed, self._end_run)
+        else:
+            self._run_done = num_steps
+            self._pending = None
+            self._then = self._end_run
+            self._work_done()
+
+    def _end_run_whole(self) -> None:
+        self._run_done = self._run_horizon
+        self._end_run()
+
+    def _end_run(self) -> None:
+        rep = self.replica
         self._in_run = False
-        outcome = rep.advance_decode(num_steps)
+        self._run_times = None
+        outcome = rep.advance_decode(self._run_done)
         if self._deferred_aborts:
             for request_id in self._deferred_aborts:
                 rep.abort_request(request_id)
             self._deferred_aborts.clear()
         self._report(outcome)
-
-    def _on_timer(self, event: simpy.Event) -> None:
-        if event is self._timer:
-            self._timer = None
-            self._poke()
-
-    def _pay_stalls(self, start: float) -> Generator[simpy.Event, Any, None]:
-        """A stall that began during the step delays its end by the stall's length."""
-        while self._stall_debt_s > 0:
-            debt, self._stall_debt_s = self._stall_debt_s, 0.0
-            yield self.env.event() if debt == _INF else self.env.timeout(debt)
-        self._busy_s += self.env.now - start
-        self._step_start_s = None
+        self._next()
 
     # ------------------------------------------------------------------ reports
     def _report(self, outcome: StepOutcome) -> None:
@@ -328,12 +373,12 @@ class ReplicaProcess:
         self._phases.clear()
         self._in_run = False
         self._deferred_aborts.clear()
+        self._state = _IDLE
+        self._pending = self._then = self._plan = self._run_times = None  # the work is lost
         self.is_up = False
         self._stall_debt_s = 0.0
         self._stalled_until_s = -_INF
         self.events.on_instance_failure(self.instance_id, reason, now)
-        if self._proc.is_alive and self._proc is not self.env.active_process:
-            self._proc.interrupt(reason)
 
     def recover(self) -> None:
         """Back up, empty (a fresh engine with a cold cache)."""
