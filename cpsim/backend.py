@@ -99,7 +99,7 @@ class ControlPlaneEvents:
         now: float,
         extras: Mapping[str, float] | None = None,
     ) -> None:
-        self.core.on_finish(request_id, now, num_output_tokens, instance_id, dict(extras or {}))
+        self.core.on_finish(request_id, now, num_output_tokens, instance_id, extras)
         self.on_change()
 
     def on_failure(

@@ -9,7 +9,7 @@ already terminal (a late token after a cancel, say) are ignored.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -240,15 +240,17 @@ class ControlPlane:
         now: float,
         num_output_tokens: int | None = None,
         instance_id: str | None = None,
-        extras: dict[str, float] | None = None,
+        extras: Mapping[str, float] | None = None,
     ) -> None:
-        """The request finished on its instance. ``extras`` are backend facts recorded as
-        extra columns (preemptions, prefix-hit tokens, ...)."""
+        """The request finished on its instance (its last token now; ``num_output_tokens``,
+        when given, is the total). ``extras`` are backend facts recorded as extra columns
+        (preemptions, prefix-hit tokens, ...)."""
         req = self._running(request_id, instance_id)
         if req is None:
             return
         if num_output_tokens is not None:
             req.num_output_tokens = num_output_tokens
+        req.last_token_s = now
         if extras:
             req.extras.update(extras)
         if req.first_token_s is None:

@@ -37,10 +37,10 @@ class ReplicaProcess:
     is one SimPy timeout whose callback applies it and starts what comes next (about 10 %
     faster than resuming a process per event, with the same results).
 
-    ``token_reports="finish"`` reports the first token at its exact time and the remaining
-    tokens in one ``on_tokens`` call just before ``on_finish`` (cheap: no per-step calls);
-    ``"step"`` reports tokens after every step or run. ``use_decode_runs=False`` runs every
-    step on its own (slower; the same results, for tests)."""
+    ``token_reports="finish"`` reports the first token at its exact time and then only
+    ``on_finish``, which carries the output token count (cheap: no per-step calls);
+    ``"step"`` also reports ``on_tokens`` after every step or run. ``use_decode_runs=False``
+    runs every step on its own (slower; the same results, for tests)."""
 
     def __init__(
         self,
@@ -327,14 +327,11 @@ class ReplicaProcess:
         if phase is Phase.PREFILL:
             self.events.on_prefill_done(rid, iid, now)
             return
-        num_out = req.num_output_tokens
-        if self.token_reports == "finish" and num_out > 1:
-            self.events.on_tokens(rid, iid, num_out - 1, now)
         extras = {
             "num_preemptions": float(req.num_preemptions),
             "num_prefix_hit_tokens": float(req.num_prefix_hit_tokens),
         }
-        self.events.on_finish(rid, iid, num_out, now, extras)
+        self.events.on_finish(rid, iid, req.num_output_tokens, now, extras)
 
     # ------------------------------------------------------------------ faults
     def _fault(self, fault: Fault) -> Generator[simpy.Event, Any, None]:

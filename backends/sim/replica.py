@@ -299,7 +299,11 @@ class SimReplica:
             return 0
         if self._waiting and admission_possible(self, decode.new_blocks(1)):
             return 0
-        return min(decode.steps_to_next_finish(), decode.max_steps_within(self.pool.num_free))
+        steps = decode.steps_to_next_finish()
+        free = self.pool.num_free
+        if len(decode) * -(-steps // self.block_size) <= free:  # each member takes at most this
+            return steps
+        return min(steps, decode.max_steps_within(free))
 
     def decode_run_linear_s(self, num_steps: int) -> tuple[float, float] | None:
         """(first, increment): step i of the next pure decode run lasts first + increment * i,

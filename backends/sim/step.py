@@ -1,15 +1,19 @@
-"""What one simulated engine step does (StepPlan) and what it produced (StepOutcome)."""
+"""What one simulated engine step does (StepPlan) and what it produced (StepOutcome).
+
+Both are NamedTuples: immutable like frozen dataclasses and about 3x cheaper to build, and the
+replica builds one or two per step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 from backends.sim.request import SimRequest
 from cpsim.latency import StepBatch
 
 
-@dataclass(frozen=True, slots=True)
-class StepPlan:
+class StepPlan(NamedTuple):
     """The replica's answer to ``schedule()``, as vLLM's SchedulerOutput: who runs how many tokens.
 
     ``chunks`` are requests scheduled one by one (prefill chunks, first decode steps, or every
@@ -40,8 +44,7 @@ class StepPlan:
         return len(self.bulk_decode_ids) + sum(num for _, num in self.chunks)
 
 
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
+class StepOutcome(NamedTuple):
     """What a step (or a run of pure decode steps) produced.
 
     ``new_token_counts`` maps each request id to output tokens produced (first tokens included):
@@ -53,7 +56,7 @@ class StepOutcome:
 
     num_steps: int = 1
     first_token_ids: tuple[str, ...] = ()
-    token_counts: dict[str, int] = field(default_factory=dict)
+    token_counts: Mapping[str, int] = MappingProxyType({})
     finished: tuple[SimRequest, ...] = ()
     preempted_ids: tuple[str, ...] = ()
     bulk_ids: tuple[str, ...] = ()

@@ -78,7 +78,7 @@ def test_lone_request_reports_first_token_and_finish_at_priced_times(latency) ->
     assert events.times("finish")["a"] == pytest.approx(finish)
     done = next(e for e in events.log if e[0] == "finish")
     assert done[3] == 30 and done[4] == {"num_preemptions": 0.0, "num_prefix_hit_tokens": 0.0}
-    assert [e[3] for e in events.log if e[0] == "tokens"] == [29]
+    assert not [e for e in events.log if e[0] == "tokens"]  # the count comes with on_finish
 
 
 def workload(env, proc):  # type: ignore[no-untyped-def]
@@ -100,11 +100,14 @@ def test_decode_runs_cut_by_arrivals_give_the_single_step_times(latency, token_r
         assert slow.times(kind).keys() == fast.times(kind).keys()
         for rid, t in slow.times(kind).items():
             assert fast.times(kind)[rid] == pytest.approx(t, rel=1e-9)
-    total = {rid: 0 for rid in slow.times("finish")}
-    for e in fast.log:
-        if e[0] == "tokens":
-            total[e[1]] += e[3]
-    assert all(n + 1 == 20 + 5 * int(rid[1:]) for rid, n in total.items())
+    total = {e[1]: e[3] for e in fast.log if e[0] == "finish"}
+    assert all(n == 20 + 5 * int(rid[1:]) for rid, n in total.items())
+    if token_reports == "step":  # the steps' token reports add up too (the first token apart)
+        total = {rid: 0 for rid in slow.times("finish")}
+        for e in fast.log:
+            if e[0] == "tokens":
+                total[e[1]] += e[3]
+        assert all(n + 1 == 20 + 5 * int(rid[1:]) for rid, n in total.items())
 
 
 def test_prefill_phase_reports_prefill_done_and_frees_blocks(latency) -> None:  # type: ignore[no-untyped-def]
