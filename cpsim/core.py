@@ -107,6 +107,11 @@ class ControlPlane:
         self._queue: list[RequestState] = []  # kept in arrival order (seq)
         self._handoffs: list[RequestState] = []  # prefilled, waiting for a decode instance
         self._instances: dict[str, InstanceState] = {}
+        # what policies see, refreshed before a dispatch pass for the instances whose state
+        # changed since (``_stale``); ``_num_open`` of them have capacity
+        self._views: dict[str, InstanceView] = {}
+        self._stale: set[str] = set()
+        self._num_open = 0
         self._seq = 0
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
@@ -116,7 +121,10 @@ class ControlPlane:
     def add_instance(self, instance: ExecutionInstance, now: float) -> None:
         if instance.instance_id in self._instances:
             raise ValueError(f"instance_id={instance.instance_id!r} is already registered")
-        self._instances[instance.instance_id] = InstanceState(instance, now)
+        state = InstanceState(instance, now, self._stale)
+        self._instances[instance.instance_id] = state
+        view = self._views[instance.instance_id] = state.view()
+        self._num_open += view.has_capacity
         self.metrics.on_instance_added(instance, now)
 
     def remove_instance(self, instance_id: str, now: float, reason: str = "removed") -> list[str]:
@@ -124,6 +132,8 @@ class ControlPlane:
         inst = self._instance(instance_id)
         affected = self._evict(inst, now, f"instance {instance_id} {reason}")
         del self._instances[instance_id]
+        self._stale.discard(instance_id)
+        self._num_open -= self._views.pop(instance_id).has_capacity
         self.metrics.on_instance_removed(instance_id, now)
         return affected
 
@@ -295,13 +305,27 @@ class ControlPlane:
             self._expire(now)
         if not self._queue and not self._handoffs:
             return []
-        views = {iid: inst.view() for iid, inst in self._instances.items()}
+        views = self._fresh_views()
         out: list[Dispatch] = []
         if self._handoffs:
             self._dispatch_handoffs(views, now, out)
-        if self._queue and any(v.has_capacity for v in views.values()):
+        if self._queue and self._num_open:
             self._dispatch_queue(views, now, out)
         return out
+
+    def _fresh_views(self) -> dict[str, InstanceView]:
+        """The views, with those of instances that changed since the last call rebuilt."""
+        stale, views = self._stale, self._views
+        if stale:
+            instances = self._instances
+            opened = 0
+            for iid in stale:
+                new = instances[iid].view()
+                opened += new.has_capacity - views[iid].has_capacity
+                views[iid] = new
+            stale.clear()
+            self._num_open += opened
+        return views
 
     def _dispatch_handoffs(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
@@ -323,46 +347,48 @@ class ControlPlane:
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
-        view_list = list(views.values())
-        num_open = sum(1 for v in view_list if v.has_capacity)
-        ordered = self.policy.order([req.view for req in self._queue], view_list, now)
+        policy, router, requests = self.policy, self.router, self._requests
+        ordered = policy.order([req.view for req in self._queue], list(views.values()), now)
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
-            if num_open == 0:
+            if self._num_open == 0:
                 break
-            req = self._requests[rview.request_id]
+            req = requests[rview.request_id]
             phase = self._phase_for(rview, views, now)
             cands = self._candidates(rview, phase, views)
             if not cands and phase is Phase.PREFILL:
                 phase, cands = Phase.FULL, self._candidates(rview, Phase.FULL, views)
             if not cands:
                 continue
-            placement = self.policy.place(rview, cands, self.router, now)
+            placement = policy.place(rview, cands, router, now)
             if placement is None:
                 continue
             if placement.reject_reason is not None:
                 rejected.append((req, placement.reject_reason))
                 continue
             iid = placement.instance_id
-            if iid is None or not any(c.instance_id == iid for c in cands):
+            chosen = views.get(iid) if iid is not None else None
+            if chosen is None or not self._is_candidate(chosen, rview, phase, views):
                 raise ValueError(
                     f"policy {self.policy.name!r} placed {rview.request_id!r} on {iid!r}, "
                     f"which is not among the candidates {[c.instance_id for c in cands]}"
                 )
+            assert iid is not None
             req.predicted_cost_usd = placement.predicted_cost_usd
-            req.policy_used = placement.policy or self.policy.name
-            placed.add(req.view.request_id)
+            req.policy_used = placement.policy or policy.name
+            placed.add(rview.request_id)
             self._assign(req, iid, phase, now, views)
-            if not views[iid].has_capacity:
-                num_open -= 1
             if phase is Phase.PREFILL:
                 req.prefill_instance_id = iid
             elif phase is Phase.FULL:
                 req.decode_instance_id = None
             out.append(Dispatch(rview.meta, iid, phase))
         if placed or rejected:
-            self._queue = [r for r in self._queue if r.view.request_id not in placed]
+            if len(placed) == len(self._queue):
+                self._queue = []
+            else:
+                self._queue = [r for r in self._queue if r.view.request_id not in placed]
         for req, reason in rejected:
             self._remove_queued(req)
             self._terminate(req, RequestStatus.REJECTED, now, reason)
@@ -376,16 +402,26 @@ class ControlPlane:
             else Phase.FULL
         )
 
-    def _candidates(
-        self, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
-    ) -> list[InstanceView]:
-        model = rview.model_name
-        types = _PHASE_TYPES[phase] if self.pd_policy is not None else None
+    def _types_for(
+        self, phase: Phase, views: dict[str, InstanceView]
+    ) -> tuple[ExecutionInstanceType, ...] | None:
+        """Instance types that may serve ``phase`` (None: any, when PD is off)."""
+        if self.pd_policy is None and phase is not Phase.DECODE:
+            return None
         if phase is Phase.DECODE and any(
             v.is_healthy and v.instance_type is ExecutionInstanceType.DECODING
             for v in views.values()
         ):
-            types = (ExecutionInstanceType.DECODING,)  # general ones only when no decode pool
+            return (ExecutionInstanceType.DECODING,)  # general ones only when no decode pool
+        return _PHASE_TYPES[phase] if self.pd_policy is not None else None
+
+    def _candidates(
+        self, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
+    ) -> list[InstanceView]:
+        model = rview.model_name
+        types = self._types_for(phase, views)
+        if model is None and types is None:
+            return [v for v in views.values() if v.has_capacity]
         return [
             v
             for v in views.values()
@@ -393,6 +429,16 @@ class ControlPlane:
             and (model is None or v.model_name == model)
             and (types is None or v.instance_type in types)
         ]
+
+    def _is_candidate(
+        self, view: InstanceView, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
+    ) -> bool:
+        types = self._types_for(phase, views)
+        return (
+            view.has_capacity
+            and (rview.model_name is None or view.model_name == rview.model_name)
+            and (types is None or view.instance_type in types)
+        )
 
     # ------------------------------------------------------------------ internals
     def _assign(
@@ -412,7 +458,10 @@ class ControlPlane:
         if req.dispatch_s is None:
             req.dispatch_s = now
         inst.admit(req, now)
-        views[instance_id] = inst.view()
+        old, new = views[instance_id], inst.view()
+        self._num_open += new.has_capacity - old.has_capacity
+        views[instance_id] = new
+        self._stale.discard(instance_id)
 
     def _release(self, req: RequestState, now: float) -> None:
         inst = self._instances.get(req.instance_id or "")

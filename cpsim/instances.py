@@ -21,6 +21,7 @@ class InstanceState:
     all requests add up to the instance's busy cost exactly."""
 
     __slots__ = (
+        "_changed",
         "_view",
         "busy_s",
         "cost_share_s",
@@ -37,8 +38,13 @@ class InstanceState:
         "registered_s",
     )
 
-    def __init__(self, instance: ExecutionInstance, now: float) -> None:
+    def __init__(
+        self, instance: ExecutionInstance, now: float, changed: set[str] | None = None
+    ) -> None:
+        """``changed``: a set the instance id is added to whenever its view changes (the
+        control plane refreshes only those views before a dispatch pass)."""
         self.instance = instance
+        self._changed = changed
         self.in_flight: dict[str, RequestState] = {}
         self.pending_prefill_tokens = 0
         self.num_running = 0
@@ -52,6 +58,11 @@ class InstanceState:
         self.busy_s = 0.0
         self.cost_share_s = 0.0
         self._view: InstanceView | None = None
+
+    def _touch(self) -> None:
+        self._view = None
+        if self._changed is not None:
+            self._changed.add(self.instance.instance_id)
 
     # -- accounting -------------------------------------------------------------
     def _advance(self, now: float) -> None:
@@ -69,7 +80,7 @@ class InstanceState:
         if req.phase is not Phase.DECODE and req.first_token_s is None:
             req.prefill_pending = True
             self.pending_prefill_tokens += req.view.num_prompt_tokens
-        self._view = None
+        self._touch()
 
     def release(self, req: RequestState, now: float) -> None:
         if req.view.request_id not in self.in_flight:
@@ -89,13 +100,13 @@ class InstanceState:
             self.recent_tpot_ms = _ewma(
                 self.recent_tpot_ms, 1000.0 * (now - start) / (req.num_output_tokens - 1)
             )
-        self._view = None
+        self._touch()
 
     def on_first_token(self, req: RequestState, now: float) -> None:
         self._clear_prefill(req)
         start = req.dispatch_s if req.dispatch_s is not None else req.view.arrival_s
         self.recent_ttft_ms = _ewma(self.recent_ttft_ms, 1000.0 * (now - start))
-        self._view = None
+        self._touch()
 
     def on_complete(self, req: RequestState, now: float) -> None:
         self.recent_latency_ms = _ewma(self.recent_latency_ms, 1000.0 * (now - req.view.arrival_s))
@@ -114,11 +125,11 @@ class InstanceState:
             self.kv_cache_usage_frac = snap.kv_cache_usage_frac
         if snap.is_healthy is not None:
             self.instance.is_healthy = snap.is_healthy
-        self._view = None
+        self._touch()
 
     def set_health(self, healthy: bool) -> None:
         self.instance.is_healthy = healthy
-        self._view = None
+        self._touch()
 
     def busy_frac(self, now: float) -> float:
         self._advance(now)
