@@ -420,12 +420,18 @@ class ControlPlane:
     ) -> list[InstanceView]:
         model = rview.model_name
         types = self._types_for(phase, views)
+        # ``v.has_capacity``, inlined (a property call per instance per request adds up)
         if model is None and types is None:
-            return [v for v in views.values() if v.has_capacity]
+            return [
+                v
+                for v in views.values()
+                if v.is_healthy and v.in_flight < v.max_concurrent_requests
+            ]
         return [
             v
             for v in views.values()
-            if v.has_capacity
+            if v.is_healthy
+            and v.in_flight < v.max_concurrent_requests
             and (model is None or v.model_name == model)
             and (types is None or v.instance_type in types)
         ]

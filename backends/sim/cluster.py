@@ -170,7 +170,7 @@ class ClusterSimulation:
     ) -> RunResult:
         wall0 = time.perf_counter()
         bar = self._bar(total)
-        self.env.process(self._arrivals(iter(requests), bar))
+        self.env.process(self._first_arrivals(iter(requests), bar))
         self.env.process(self._scrapes())
         self.env.run(until=self._done)
         if bar is not None:
@@ -191,21 +191,48 @@ class ClusterSimulation:
             return None
         return tqdm(total=total, unit="req", desc="simulating", mininterval=1.0, leave=False)
 
-    def _arrivals(self, stream: Iterator[tuple[float, RequestMetadata]], bar: Any) -> Any:
+    def _first_arrivals(self, stream: Iterator[tuple[float, RequestMetadata]], bar: Any) -> Any:
+        """A process only so that arrivals start when processes do (after those created
+        before the run, such as faults at time 0); the rest are timeout callbacks."""
+        self._arrivals(stream, bar)
+        yield from ()
+
+    def _arrivals(self, stream: Iterator[tuple[float, RequestMetadata]], bar: Any) -> None:
+        """Feed ``stream`` in: one timeout callback per arrival time (cheaper than resuming a
+        process per arrival); then the drain."""
         env, cp = self.env, self.cp
-        n = 0
-        for arrival_s, meta in stream:
-            if arrival_s > env.now:
-                yield env.timeout(arrival_s - env.now)
+        num_done = 0
+        due: RequestMetadata | None = None
+
+        def admit(meta: RequestMetadata) -> None:
+            nonlocal num_done
             cp.on_arrival(meta, env.now)
             self._dispatch()
-            n += 1
-            if bar is not None and n % 1024 == 0:
+            num_done += 1
+            if bar is not None and num_done % 1024 == 0:
                 bar.update(1024)
-        if bar is not None:
-            bar.update(n % 1024)
-        self._arrivals_done = True
-        self._check_done()
+
+        def arrive(_event: Any = None) -> None:
+            nonlocal due
+            if due is not None:
+                meta, due = due, None
+                admit(meta)
+            for arrival_s, meta in stream:
+                if arrival_s > env.now:
+                    due = meta
+                    env.timeout(arrival_s - env.now).callbacks.append(arrive)
+                    return
+                admit(meta)
+            if bar is not None:
+                bar.update(num_done % 1024)
+            self._arrivals_done = True
+            self._check_done()
+            env.process(self._drain())
+
+        arrive()
+
+    def _drain(self) -> Any:
+        env = self.env
         deadline = env.now + self.drain_timeout_s
         while not self._done.triggered and env.now < deadline:
             yield env.timeout(min(self.scrape_interval_s * 20, deadline - env.now))

@@ -160,7 +160,11 @@ class ReplicaProcess:
     # ------------------------------------------------------------------ the driver
     def _poke(self) -> None:
         """Something changed (submit, abort, fault): look again once, at this instant, after
-        the events already due now (so requests submitted together are scheduled together)."""
+        the events already due now (so requests submitted together are scheduled together).
+        A decode run whose step in flight ends later is cut at once instead (the same result
+        without the extra event: nothing is decided before that step ends)."""
+        if self._state is _RUN and self._cut_run(tail_only=True):
+            return
         if not self._wake_due:
             self._wake_due = True
             self.env.timeout(0.0).callbacks.append(self._on_wake)
@@ -257,8 +261,9 @@ class ReplicaProcess:
         self._step_start_s = self.env.now
         self._wait(total, self._end_run_whole)
 
-    def _cut_run(self) -> None:
-        """Woken during a run: the step in flight finishes, then the run stops."""
+    def _cut_run(self, tail_only: bool = False) -> bool:
+        """Woken during a run: the step in flight finishes, then the run stops. With
+        ``tail_only``, only when a step is still in flight (else nothing; False)."""
         horizon, times = self._run_horizon, self._run_times
         assert self._step_start_s is not None
         elapsed = self.env.now - self._step_start_s
@@ -272,15 +277,19 @@ class ReplicaProcess:
             num_steps = int(np.searchsorted(times, elapsed, side="right"))
             in_flight = num_steps == 0 or times[num_steps - 1] < elapsed
             next_end = float(times[num_steps]) if num_steps < horizon else 0.0
-        self._state = _BUSY
         if num_steps < horizon and in_flight:
+            self._state = _BUSY
             self._run_done = num_steps + 1
             self._wait(next_end - elapsed, self._end_run)
-        else:
-            self._run_done = num_steps
-            self._pending = None
-            self._then = self._end_run
-            self._work_done()
+            return True
+        if tail_only:
+            return False
+        self._state = _BUSY
+        self._run_done = num_steps
+        self._pending = None
+        self._then = self._end_run
+        self._work_done()
+        return True
 
     def _end_run_whole(self) -> None:
         self._run_done = self._run_horizon
@@ -288,6 +297,7 @@ class ReplicaProcess:
 
     def _end_run(self) -> None:
         rep = self.replica
+        self._state = _BUSY  # until _next: a wake-up during the reports below waits for it
         self._in_run = False
         self._run_times = None
         outcome = rep.advance_decode(self._run_done)
