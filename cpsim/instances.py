@@ -117,15 +117,21 @@ class InstanceState:
             self.pending_prefill_tokens -= req.view.num_prompt_tokens
 
     def apply(self, snap: InstanceSnapshot, now: float) -> None:
-        if snap.num_running is not None:
-            self.num_running = snap.num_running
-        if snap.num_waiting is not None:
-            self.num_waiting = snap.num_waiting
-        if snap.kv_cache_usage_frac is not None:
-            self.kv_cache_usage_frac = snap.kv_cache_usage_frac
-        if snap.is_healthy is not None:
-            self.instance.is_healthy = snap.is_healthy
-        self._touch()
+        """Take the scraped fields (those not None); the view is rebuilt only on a change."""
+        running, waiting, kv, healthy = (
+            snap.num_running, snap.num_waiting, snap.kv_cache_usage_frac, snap.is_healthy
+        )
+        changed = False
+        if running is not None and running != self.num_running:
+            self.num_running, changed = running, True
+        if waiting is not None and waiting != self.num_waiting:
+            self.num_waiting, changed = waiting, True
+        if kv is not None and kv != self.kv_cache_usage_frac:
+            self.kv_cache_usage_frac, changed = kv, True
+        if healthy is not None and healthy != self.instance.is_healthy:
+            self.instance.is_healthy, changed = healthy, True
+        if changed:
+            self._touch()
 
     def set_health(self, healthy: bool) -> None:
         self.instance.is_healthy = healthy
