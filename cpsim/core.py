@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cpsim.instances import InstanceState
 from cpsim.metrics import MetricsCollector
@@ -58,16 +58,17 @@ class ControlPlaneConfig:
             check_positive("queue_timeout_s", self.queue_timeout_s)
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
+    """The answer to an arrival: queued, or not and why."""
+
     accepted: bool
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Dispatch:
+class Dispatch(NamedTuple):
     """Run ``phase`` of a request on ``instance_id``; for DECODE the KV cache is on
-    ``source_instance_id`` and the backend moves it (the PD hand-off)."""
+    ``source_instance_id`` and the backend moves it (the PD hand-off). A NamedTuple, as
+    Admission and Abort: immutable and cheap to build (one or two per request)."""
 
     request: RequestMetadata
     instance_id: str
@@ -79,8 +80,7 @@ class Dispatch:
         return self.request.request_id
 
 
-@dataclass(frozen=True, slots=True)
-class Abort:
+class Abort(NamedTuple):
     """Stop a request on an instance (after a cancel); the backend reports nothing more."""
 
     request_id: str

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from cpsim.views import InstanceView, RequestView
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
     """A scheduling policy's answer for one request: an instance, or a rejection.
 
     ``predicted_cost_usd`` and ``policy`` are recorded on the request (cost-aware and
-    adaptive policies fill them)."""
+    adaptive policies fill them). A NamedTuple (one is built per placed request)."""
 
     instance_id: str | None = None
     reject_reason: str | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from collections.abc import Sequence
 
@@ -149,7 +148,7 @@ class AdaptivePolicy(BaseSchedulingPolicy):
         placement = self.current.place(request, candidates, router, now)
         if placement is None:
             return None
-        return dataclasses.replace(placement, policy=f"{self.name}:{self.mode}")
+        return placement._replace(policy=f"{self.name}:{self.mode}")
 
     def observe(self, request: RequestView, slo_met: bool | None, now: float) -> None:
         if slo_met is not None:

@@ -1,0 +1,119 @@
+"""HTTPBackend's stream timeouts, against a stand-in OpenAI server that stalls on purpose.
+
+A real vLLM server does not stall on cue, so these run against a small aiohttp server:
+one instance never sends a first token, one sends a token and then nothing. The manager
+must retry the first request elsewhere (no token yet) and fail the second with a reason
+naming the timeout (a token already streamed cannot be taken back)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+web = pytest.importorskip("aiohttp.web")
+
+from backends.vllm.http import HTTPBackend  # noqa: E402
+from cpsim.manager import ControlPlaneManager  # noqa: E402
+from cpsim.types import ExecutionInstance, RequestMetadata, RequestStatus  # noqa: E402
+
+TIMEOUT_S = 0.3
+
+
+def _chunk(token_ids: list[int], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "text": "", "token_ids": token_ids, "finish_reason": finish}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+def _server(mode: str, release: asyncio.Event) -> Any:
+    """``mode``: "silent" (headers, then nothing until ``release``), "one_token" (one token,
+    then the same) or "ok" (all tokens at once)."""
+
+    async def completions(request: Any) -> Any:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if mode == "ok":
+            for _ in range(body["max_tokens"]):
+                await resp.write(_chunk([7]))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        if mode == "one_token":
+            await resp.write(_chunk([7]))
+        await release.wait()  # the client gives up long before; set at teardown
+        return resp
+
+    async def health(_request: Any) -> Any:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", health)
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _serve(
+    modes: dict[str, str], release: asyncio.Event
+) -> tuple[list[Any], list[ExecutionInstance]]:
+    runners, instances = [], []
+    for iid, mode in modes.items():
+        runner = web.AppRunner(_server(mode, release))
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        instances.append(ExecutionInstance(iid, host="127.0.0.1", port=port, model_name="m"))
+    return runners, instances
+
+
+async def _run(modes: dict[str, str], requests: list[RequestMetadata]) -> dict[str, Any]:
+    release = asyncio.Event()
+    runners, instances = await _serve(modes, release)
+    backend = HTTPBackend(first_token_timeout_s=TIMEOUT_S, idle_timeout_s=TIMEOUT_S,
+                          health_interval_s=5.0)
+    cp = ControlPlaneManager(routing_strategy="round_robin", backend=backend,
+                             enable_monitoring=False)
+    try:
+        await cp.start()
+        for inst in instances:
+            await cp.register_instance(inst)
+        for meta in requests:
+            await cp.submit_request(meta)
+        statuses = {m.request_id: await cp.wait_for_request(m.request_id, timeout_s=10.0)
+                    for m in requests}
+        return {"statuses": statuses, "records": cp.get_request_records()}
+    finally:
+        await cp.stop()
+        release.set()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def test_no_first_token_in_time_is_retried_on_another_instance() -> None:
+    meta = RequestMetadata("r0", num_prompt_tokens=8, max_tokens=4)
+    out = asyncio.run(_run({"silent": "silent", "ok": "ok"}, [meta]))
+    records = out["records"].set_index("request_id")
+    assert out["statuses"]["r0"] is RequestStatus.COMPLETED
+    assert records.loc["r0", "instance_id"] == "ok"
+    assert records.loc["r0", "attempts"] == 2
+    assert records.loc["r0", "num_output_tokens"] == 4
+
+
+def test_a_stream_that_stalls_after_a_token_fails_with_the_timeout_as_reason() -> None:
+    meta = RequestMetadata("r0", num_prompt_tokens=8, max_tokens=4)
+    out = asyncio.run(_run({"stall": "one_token"}, [meta]))
+    records = out["records"].set_index("request_id")
+    assert out["statuses"]["r0"] is RequestStatus.FAILED
+    reason = str(records.loc["r0", "reason"])
+    assert "no next chunk within 0.3 s (after 1 tokens)" in reason and "stall" in reason
