@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpsim.latency import StepBatch
-from cpsim.profiles import TERMS, ProfiledLatencyModel, step_features
+from cpsim.profiles import ENGINE_PART, TERMS, ProfiledLatencyModel, step_features
 from cpsim.validation import check_positive
 
 FloatArray = npt.NDArray[np.float64]
@@ -111,7 +111,8 @@ def fit_terms(
 
     Rows are divided by the measured time, so the fit minimises relative error (a 3 ms
     decode step counts as much as a 60 ms prefill). Terms are non-negative unless named in
-    ``signed``; a term none of the samples exercises stays 0."""
+    ``signed``; a term none of the samples exercises stays 0. ``serving_engine_frac`` is
+    fitted against the engine part (the non-serving terms) as ``fixed`` prices it."""
     if not samples:
         raise ValueError("samples=[] is not allowed; a fit needs measured steps")
     fit_names = list(terms)
@@ -121,6 +122,10 @@ def fit_terms(
     base = {t: float((fixed or {}).get(t, 0.0)) for t in TERMS}
     index = [TERMS.index(t) for t in fit_names]
     rows = np.array([step_features(s.batch) for s in samples], dtype=np.float64)
+    if "serving_engine_frac" in fit_names or base["serving_engine_frac"]:  # in engine time
+        engine = ProfiledLatencyModel("e", "e", {t: base[t] for t in ENGINE_PART})
+        rows[:, TERMS.index("serving_engine_frac")] = [engine.step_time_s(s.batch)
+                                                       for s in samples]
     times = np.array([s.time_s for s in samples])
     others = np.array([base[t] for t in TERMS]) * (np.array([t not in fit_names for t in TERMS]))
     target = (times - rows @ others) / times

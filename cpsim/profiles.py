@@ -29,14 +29,23 @@ TERMS = (
     "serving_seq_s",  # per sequence in the step, outside the engine step (per-request outputs)
     "step_token_sq_s",  # per squared token count of the step (working set outgrowing caches)
     "serving_prefill_token_s",  # per prefill token, what the serving path adds (worker, inputs)
+    "mixed_decode_seq_s",  # per decoding sequence of a step that also computes prefill tokens
+    "mixed_decode_context_token_s",  # per decode context token of a step with prefill tokens
+    "serving_engine_frac",  # the serving path's slowdown of the engine step (x engine time)
+    "serving_prefill_seq_s",  # per sequence with prefill tokens (admission, first output)
 )
+
+#: Terms priced per unit of a batch feature; serving_engine_frac multiplies the engine part.
+ENGINE_PART = tuple(t for t in TERMS if not t.startswith("serving_"))
 
 
 def step_features(batch: StepBatch) -> tuple[float, ...]:
-    """The units each term of TERMS is paid for in one step (the fit's design row)."""
+    """The units each term of TERMS is paid for in one step (the fit's design row); the entry
+    of ``serving_engine_frac`` is 0 here (its unit is the engine part's time, see fit_terms)."""
     if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
         return (0.0,) * len(TERMS)
     prefill = 1.0 if batch.num_prefill_tokens else 0.0
+    mixed = prefill * batch.num_decode_seqs
     return (
         1.0,
         prefill,
@@ -49,6 +58,10 @@ def step_features(batch: StepBatch) -> tuple[float, ...]:
         float(batch.num_decode_seqs + batch.num_prefill_seqs),
         float(batch.num_prefill_tokens + batch.num_decode_seqs) ** 2,
         float(batch.num_prefill_tokens),
+        float(mixed),
+        prefill * float(batch.decode_context_tokens),
+        0.0,  # serving_engine_frac: the engine part's time, which needs the coefficients
+        float(batch.num_prefill_seqs) if batch.num_prefill_tokens else 0.0,
     )
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "profile"
@@ -75,6 +88,10 @@ class ProfiledLatencyModel:
     and decode-only steps with different constants. The ``serving_*`` terms price what the
     serving path adds to each engine step (engine-core IPC and the frontend's per-request
     output processing, measured through AsyncLLM); they are 0 in engine-only profiles.
+    ``serving_engine_frac`` scales the engine part (every term not named ``serving_*``) by
+    ``1 + frac``: on a CPU the serving processes take CPU time from the model's core in
+    proportion to its step. ``mixed_*`` terms price decodes that share a step with prefill
+    tokens, where a CPU attention kernel handles them with the prefill's query tiles.
     Prices a step (StepLatencyModel) and predicts a request (LatencyModel)."""
 
     def __init__(
@@ -132,33 +149,45 @@ class ProfiledLatencyModel:
     def step_time_s(self, batch: StepBatch) -> float:
         if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
             return 0.0
-        step, pstep, ptok, psq, pctx, dseq, dctx, sstep, sseq, tsq, sptok = self._terms(
-            batch.num_decode_seqs
-        )
-        time_s = step + sstep + dseq * batch.num_decode_seqs + dctx * batch.decode_context_tokens
-        if sseq:
-            time_s += sseq * (batch.num_decode_seqs + batch.num_prefill_seqs)
+        (step, pstep, ptok, psq, pctx, dseq, dctx, sstep, sseq, tsq, sptok, mseq, mctx,
+         frac, spseq) = self._terms(batch.num_decode_seqs)
+        engine_s = step + dseq * batch.num_decode_seqs + dctx * batch.decode_context_tokens
         if tsq:
-            time_s += tsq * float(batch.num_prefill_tokens + batch.num_decode_seqs) ** 2
+            engine_s += tsq * float(batch.num_prefill_tokens + batch.num_decode_seqs) ** 2
+        serving_s = sstep
+        if sseq:
+            serving_s += sseq * (batch.num_decode_seqs + batch.num_prefill_seqs)
         if batch.num_prefill_tokens:
-            time_s += (
+            engine_s += (
                 pstep
                 + ptok * batch.num_prefill_tokens
                 + psq * batch.sum_sq_prefill_tokens
                 + pctx * batch.prefill_context_tokens
+                + mseq * batch.num_decode_seqs
+                + mctx * batch.decode_context_tokens
             )
             if sptok:
-                time_s += sptok * batch.num_prefill_tokens
-        return max(0.0, time_s)
+                serving_s += sptok * batch.num_prefill_tokens
+            if spseq:
+                serving_s += spseq * batch.num_prefill_seqs
+        return max(0.0, engine_s * (1.0 + frac) + serving_s)
 
     def decode_step_times_s(
         self, num_decode_seqs: int, context_tokens: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float64]:
         """Times of pure decode steps of ``num_decode_seqs`` sequences, one per context value."""
-        step, _, _, _, _, dseq, dctx, sstep, sseq, tsq, _ = self._terms(num_decode_seqs)
-        fixed = step + sstep + (dseq + sseq) * num_decode_seqs + tsq * num_decode_seqs**2
-        times = fixed + dctx * np.asarray(context_tokens, np.float64)
+        a, b = self._decode_terms(num_decode_seqs)
+        times = a + b * np.asarray(context_tokens, np.float64)
         return np.maximum(times, 0.0)
+
+    def _decode_terms(self, num_decode_seqs: int) -> tuple[float, float]:
+        """(fixed, per context token) seconds of a pure decode step of ``num_decode_seqs``."""
+        step, _, _, _, _, dseq, dctx, sstep, sseq, tsq, _, _, _, frac, _ = self._terms(
+            num_decode_seqs
+        )
+        engine_s = step + dseq * num_decode_seqs + tsq * num_decode_seqs**2
+        fixed = engine_s * (1.0 + frac) + sstep + sseq * num_decode_seqs
+        return fixed, dctx * (1.0 + frac)
 
     def decode_step_linear_s(
         self, num_decode_seqs: int, first_context_tokens: int, context_increment_tokens: int
@@ -167,12 +196,11 @@ class ProfiledLatencyModel:
         grows by ``context_increment_tokens`` per step; None where that form does not hold."""
         if num_decode_seqs == 0:
             return None
-        step, _, _, _, _, dseq, dctx, sstep, sseq, tsq, _ = self._terms(num_decode_seqs)
-        first = step + sstep + (dseq + sseq) * num_decode_seqs + dctx * first_context_tokens
-        first += tsq * num_decode_seqs**2
-        if first < 0.0 or dctx < 0.0:
+        fixed, per_token = self._decode_terms(num_decode_seqs)
+        first = fixed + per_token * first_context_tokens
+        if first < 0.0 or per_token < 0.0:
             return None
-        return first, dctx * context_increment_tokens
+        return first, per_token * context_increment_tokens
 
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
         return predict_from_steps(self, request, instance, self.max_num_batched_tokens)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,7 +175,7 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "") -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(out / "fidelity.csv", index=False)
     shown = table[table["metric"] != "completed"]
@@ -183,7 +185,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
                                                                     strict=True)])
     values = both.pivot_table(index=["run", "rate_rps"], columns="metric", values="cell",
                               aggfunc="first", sort=False)
-    md = ["## Relative error of the simulator, % ((sim - real) / real)", "",
+    md = [f"Profile: {profile_note}", "",
+          "## Relative error of the simulator, % ((sim - real) / real)", "",
           markdown(pct), "", "## Real / simulated values (ms; rps; tokens/s)", "",
           markdown(values), ""]
     (out / "fidelity.md").write_text("\n".join(md))
@@ -238,7 +241,11 @@ def resimulate(args: argparse.Namespace, cluster: dict[str, Any], profile: Profi
         sim = run_sim(cluster, profile, requests_of(real))
         runs.append((label, float(old.rate_rps[label]), float(old.load_frac[label]), real, sim))
     meta = json.loads((saved / "fidelity.json").read_text())
+    meta.setdefault("real_run_profile_date", meta.get("profile_date"))
+    meta["profile_date"] = profile.provenance.get("date")
     meta["resimulated_with"] = str(args.profile)
+    meta["reused_real"] = str(saved)
+    meta["resimulated_date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return report(runs, out, meta)
 
 
@@ -250,7 +257,12 @@ def report(runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]], out
         rows += compare(label, rate, frac, real, sim)
         real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
         sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
-    table = write_tables(rows, out)
+    note = f"{meta.get('resimulated_with') or meta.get('args', {}).get('profile')} " + (
+        f"(measured {meta.get('profile_date')}); real runs {meta.get('date', '?')}: "
+        f"`{meta.get('command', '?')}`")
+    if "reused_real" in meta:
+        note += f"; re-simulated {meta['resimulated_date']} over {meta['reused_real']}"
+    table = write_tables(rows, out, note)
     plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
               out / "fidelity_cdf.png")
     (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -289,7 +301,9 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
             print(f"rate {rate:.2f} req/s done", flush=True)
     finally:
         await engine.shutdown()
-    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "load_before": load,
+    meta = {"command": "python -m experiments.fidelity " + " ".join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "args": {k: str(v) for k, v in vars(args).items()}, "load_before": load,
             "load_1min_per_run (rate, before, after)": loads,
             "profile_date": profile.provenance.get("date"),
             "real_wall_s": round(time.monotonic() - started, 1), "saturation_rps": saturation}

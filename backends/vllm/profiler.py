@@ -37,13 +37,16 @@ from backends.vllm.profile_measure import (
     measure_engine,
     measure_serving,
     wait_for_quiet,
+    worker_thread_env,
 )
 from cpsim.latency import StepBatch
 from cpsim.profile_fit import StepSample, fit_terms, relative_errors
 from cpsim.profiles import TERMS, ProfiledLatencyModel, load_profile, save_profile
 
-ENGINE_TERMS = (*TERMS[:7], "step_token_sq_s")
-SERVING_TERMS = ("serving_step_s", "serving_seq_s", "serving_prefill_token_s")
+ENGINE_TERMS = (*TERMS[:7], "step_token_sq_s", "mixed_decode_seq_s",
+                "mixed_decode_context_token_s")
+SERVING_TERMS = ("serving_step_s", "serving_seq_s", "serving_prefill_token_s",
+                 "serving_engine_frac", "serving_prefill_seq_s")
 
 
 def _child(phase: str, argv: list[str], work: Path, engine_env: list[str]) -> list[StepSample]:
@@ -52,6 +55,8 @@ def _child(phase: str, argv: list[str], work: Path, engine_env: list[str]) -> li
     cmd = [sys.executable, "-m", "backends.vllm.profiler", *argv, "--measure", phase,
            "--samples-out", str(out)]
     env = {**DEFAULT_ENV, **os.environ, **dict(e.split("=", 1) for e in engine_env)}
+    if phase == "engine":  # the served worker's threads, not every core of the machine
+        env.update(worker_thread_env(env))
     subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[2])
     return [StepSample.from_dict(d) for d in json.loads(out.read_text())]
 
@@ -100,7 +105,8 @@ def refit(source: Path, out: Path) -> Path:
     info = {"model": old.model, "hardware": old.hardware, "engine": old.engine,
             "engine_version": old.engine_version, "tp": old.tensor_parallel_size,
             "max_num_batched_tokens": old.max_num_batched_tokens,
-            "provenance": prov | {"refit_from": str(source)}}
+            "provenance": prov | {"refit_from": str(source), "refit_command":
+                                  f"python -m backends.vllm.profiler --refit {source} --out {out}"}}
     engine = [s for s in samples if not s.kind.startswith("serving")]
     serving = [s for s in samples if s.kind.startswith("serving")]
     path = save_profile(fit_profile(engine, serving, info), out)
@@ -175,11 +181,25 @@ def main(argv: list[str] | None = None) -> Path | None:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m backends.vllm.profiler " + " ".join(argv),
             "hardware": hw, "engine_args": engine_args, "grid": asdict(grid),
+            "engine_env": args.engine_env,
+            "in_process_engine_threads": worker_thread_env(
+                {**os.environ, **dict(e.split("=", 1) for e in args.engine_env)}),
             "load_average": load | {"load_after": os.getloadavg()[0]},
             "duration_s": round(time.monotonic() - started, 1),
             "method": "engine terms: relative least squares (non-negative but prefill_step_s) "
-                      "over medians of clean in-process LLMEngine.step() timings; serving terms: "
-                      "AsyncLLM client decode period minus the engine-step fit, same method",
+                      "over medians of clean in-process LLMEngine.step() timings, the engine "
+                      "on the served worker's OpenMP threads (in_process_engine_threads); "
+                      "mixed_* terms from steps of a fresh prompt beside running decodes at "
+                      "two contexts; serving terms (serving_engine_frac x the engine part, "
+                      "plus per step, per sequence, per prefill token and per sequence with "
+                      "prefill tokens): the same least "
+                      "squares over the client-side decode period (TPOT) of B requests "
+                      "decoding together (16-token prompts, and 1024-token prompts) and the "
+                      "TTFT of a lone prompt after 1 s idle, and the mean served step period "
+                      "by step shape in short Poisson runs (live_rates_rps, seed live_seed, "
+                      "ShareGPT lengths; per-step shapes from vLLM's iteration details), "
+                      "through ControlPlaneManager + AsyncLLMBackend, with the engine terms "
+                      "held fixed",
         },
     }
     model = fit_profile(engine, serving, info)
