@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -154,7 +156,7 @@ def test_fit_recovers_mixed_terms() -> None:
 def test_live_steps_become_mean_periods_by_shape_with_interpolated_contexts() -> None:
     import pandas as pd
 
-    from backends.vllm.profile_measure import live_step_samples
+    from backends.vllm.profile_live import live_step_samples
 
     # a: prompt 100, 11 tokens, decoding over [1.0, 1.1] (manager time); nothing after 1.1
     records = pd.DataFrame({
@@ -171,6 +173,30 @@ def test_live_steps_become_mean_periods_by_shape_with_interpolated_contexts() ->
     assert decode.num_repeats == 9 and decode.batch.num_decode_seqs == 1
     assert 101 <= decode.batch.decode_context_tokens <= 111
     assert decode.time_s == pytest.approx(0.01)
+
+
+def test_live_runs_saved_beside_the_profile_rebuild_the_same_samples(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from backends.vllm.profile_live import LiveRun
+    from backends.vllm.profiler import live_file
+
+    records = pd.DataFrame({
+        "arrival_time_s": [0.0, 0.05], "first_token_time_s": [0.02, 0.1],
+        "finish_time_s": [1.0, 1.2], "num_prompt_tokens": [100, 300],
+        "num_output_tokens": [50, 60],
+    })
+    steps = [(0.02, 1, 100, 0, 5.0)] + [
+        (0.02 + 0.01 * i, 0, 0, 1 if i < 8 else 2, 5.0) for i in range(1, 100)]
+    run = LiveRun(1.5, steps, records, 0.0)
+    path = live_file(tmp_path / "profile.yaml")
+    assert path.name == "profile.live.json"
+    path.write_text(json.dumps([run.to_dict()]))
+    (back,) = [LiveRun.from_dict(d) for d in json.loads(path.read_text())]
+    assert back.samples() == run.samples()
+    assert [s.batch.num_decode_seqs for s in run.samples()] == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ each ``step()`` one scheduler iteration, timed alone) over prefill, decode, mixe
 cached-context batches; then the serving path (ControlPlaneManager over AsyncLLMBackend, the
 engine core in its own process) on decode batches, whose extra time per step becomes the
 ``serving_*`` terms. Samples during which other processes used the CPU are discarded; each
-point is the median of its repeats.
+point is the median of its repeats. The measurements are in profile_engine (in-process steps),
+profile_serving and profile_live (live Poisson calibration, whose raw steps are kept beside
+the profile as ``<out>.live.json``); the grid and host checks in profile_measure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,15 +33,15 @@ from typing import Any
 import numpy as np
 
 from backends.vllm.engine_args import DEFAULT_ENV, TINY_MODEL_DIR, TINY_VOCAB_SIZE, engine_args_for
+from backends.vllm.profile_engine import measure_engine
 from backends.vllm.profile_measure import (
     ProfileGrid,
     engine_name_version,
     hardware_info,
-    measure_engine,
-    measure_serving,
     wait_for_quiet,
     worker_thread_env,
 )
+from backends.vllm.profile_serving import measure_serving
 from cpsim.latency import StepBatch
 from cpsim.profile_fit import StepSample, fit_terms, relative_errors
 from cpsim.profiles import TERMS, ProfiledLatencyModel, load_profile, save_profile
@@ -59,6 +62,11 @@ def _child(phase: str, argv: list[str], work: Path, engine_env: list[str]) -> li
         env.update(worker_thread_env(env))
     subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[2])
     return [StepSample.from_dict(d) for d in json.loads(out.read_text())]
+
+
+def live_file(path: Path) -> Path:
+    """Where the live calibration's raw runs are kept, beside ``path`` (LiveRun.to_dict)."""
+    return path.with_name(path.name.rsplit(".", 1)[0] + ".live.json")
 
 
 def fit_profile(engine: list[StepSample], serving: list[StepSample], info: dict[str, Any]
@@ -158,8 +166,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
         "gpu_memory_utilization": args.gpu_memory_utilization, "enable_prefix_caching": True})
     if args.measure:
-        measure = measure_engine if args.measure == "engine" else measure_serving
-        samples = measure(engine_args, grid, args.vocab_size)
+        out = Path(args.samples_out)
+        samples = (measure_engine(engine_args, grid, args.vocab_size) if args.measure == "engine"
+                   else measure_serving(engine_args, grid, args.vocab_size, live_file(out)))
         Path(args.samples_out).write_text(json.dumps([s.to_dict() for s in samples]))
         return None
     if args.refit:
@@ -169,6 +178,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = _child("engine", argv, Path(tmp), args.engine_env)
         serving = [] if args.no_serving else _child("serving", argv, Path(tmp), args.engine_env)
+        live = live_file(Path(tmp) / "serving.json")
+        if live.exists():  # the live runs' raw steps, kept beside the profile for refits
+            shutil.copyfile(live, live_file(Path(args.out)))
     hw = hardware_info()
     name, version = engine_name_version()
     hardware = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_cores']} cores)"
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             "command": "python -m backends.vllm.profiler " + " ".join(argv),
             "hardware": hw, "engine_args": engine_args, "grid": asdict(grid),
             "engine_env": args.engine_env,
+            "live_runs_file": str(live_file(Path(args.out))),
             "in_process_engine_threads": worker_thread_env(
                 {**os.environ, **dict(e.split("=", 1) for e in args.engine_env)}),
             "load_average": load | {"load_after": os.getloadavg()[0]},
