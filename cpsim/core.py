@@ -121,10 +121,8 @@ class ControlPlane:
     def add_instance(self, instance: ExecutionInstance, now: float) -> None:
         if instance.instance_id in self._instances:
             raise ValueError(f"instance_id={instance.instance_id!r} is already registered")
-        state = InstanceState(instance, now, self._stale)
-        self._instances[instance.instance_id] = state
-        view = self._views[instance.instance_id] = state.view()
-        self._num_open += view.has_capacity
+        self._instances[instance.instance_id] = InstanceState(instance, now, self._stale)
+        self._refresh_view(instance.instance_id)
         self.metrics.on_instance_added(instance, now)
 
     def remove_instance(self, instance_id: str, now: float, reason: str = "removed") -> list[str]:
@@ -315,17 +313,18 @@ class ControlPlane:
 
     def _fresh_views(self) -> dict[str, InstanceView]:
         """The views, with those of instances that changed since the last call rebuilt."""
-        stale, views = self._stale, self._views
-        if stale:
-            instances = self._instances
-            opened = 0
-            for iid in stale:
-                new = instances[iid].view()
-                opened += new.has_capacity - views[iid].has_capacity
-                views[iid] = new
-            stale.clear()
-            self._num_open += opened
-        return views
+        if self._stale:
+            for iid in self._stale:
+                self._refresh_view(iid)
+            self._stale.clear()
+        return self._views
+
+    def _refresh_view(self, instance_id: str) -> None:
+        """Rebuild one instance's view and keep ``_num_open`` in step with it."""
+        new = self._instances[instance_id].view()
+        old = self._views.get(instance_id)
+        self._num_open += new.has_capacity - (old is not None and old.has_capacity)
+        self._views[instance_id] = new
 
     def _dispatch_handoffs(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
@@ -339,7 +338,7 @@ class ControlPlane:
                 continue
             source = req.instance_id
             self._release(req, now)
-            self._assign(req, choice.instance_id, Phase.DECODE, now, views)
+            self._assign(req, choice.instance_id, Phase.DECODE, now)
             req.decode_instance_id = choice.instance_id
             out.append(Dispatch(req.view.meta, choice.instance_id, Phase.DECODE, source))
         self._handoffs = waiting
@@ -369,7 +368,7 @@ class ControlPlane:
                 continue
             iid = placement.instance_id
             chosen = views.get(iid) if iid is not None else None
-            if chosen is None or not self._is_candidate(chosen, rview, phase, views):
+            if chosen is None or chosen not in cands:  # a C-level scan; ids differ at once
                 raise ValueError(
                     f"policy {self.policy.name!r} placed {rview.request_id!r} on {iid!r}, "
                     f"which is not among the candidates {[c.instance_id for c in cands]}"
@@ -378,7 +377,7 @@ class ControlPlane:
             req.predicted_cost_usd = placement.predicted_cost_usd
             req.policy_used = placement.policy or policy.name
             placed.add(rview.request_id)
-            self._assign(req, iid, phase, now, views)
+            self._assign(req, iid, phase, now)
             if phase is Phase.PREFILL:
                 req.prefill_instance_id = iid
             elif phase is Phase.FULL:
@@ -421,12 +420,6 @@ class ControlPlane:
         model = rview.model_name
         types = self._types_for(phase, views)
         # ``v.has_capacity``, inlined (a property call per instance per request adds up)
-        if model is None and types is None:
-            return [
-                v
-                for v in views.values()
-                if v.is_healthy and v.in_flight < v.max_concurrent_requests
-            ]
         return [
             v
             for v in views.values()
@@ -436,16 +429,6 @@ class ControlPlane:
             and (types is None or v.instance_type in types)
         ]
 
-    def _is_candidate(
-        self, view: InstanceView, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
-    ) -> bool:
-        types = self._types_for(phase, views)
-        return (
-            view.has_capacity
-            and (rview.model_name is None or view.model_name == rview.model_name)
-            and (types is None or view.instance_type in types)
-        )
-
     # ------------------------------------------------------------------ internals
     def _assign(
         self,
@@ -453,7 +436,6 @@ class ControlPlane:
         instance_id: str,
         phase: Phase,
         now: float,
-        views: dict[str, InstanceView],
     ) -> None:
         inst = self._instances[instance_id]
         req.status = RequestStatus.RUNNING
@@ -464,9 +446,7 @@ class ControlPlane:
         if req.dispatch_s is None:
             req.dispatch_s = now
         inst.admit(req, now)
-        old, new = views[instance_id], inst.view()
-        self._num_open += new.has_capacity - old.has_capacity
-        views[instance_id] = new
+        self._refresh_view(instance_id)  # the next placement of this pass must see it
         self._stale.discard(instance_id)
 
     def _release(self, req: RequestState, now: float) -> None:

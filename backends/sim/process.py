@@ -249,9 +249,9 @@ class ReplicaProcess:
         rep, scale = self.replica, self._slowdown
         linear = rep.decode_run_linear_s(horizon)
         if linear is not None:
-            self._run_linear = (linear[0] * scale, linear[1] * scale)
+            first, increment = self._run_linear = (linear[0] * scale, linear[1] * scale)
             self._run_times = None
-            total = linear_run_end_s(linear[0] * scale, linear[1] * scale, horizon)
+            total = linear_run_end_s(first, increment, horizon)
         else:
             self._run_times = times = rep.decode_run_times_s(horizon) * scale
             total = float(times[-1])

@@ -11,19 +11,15 @@ from cpsim.views import InstanceView
 
 def outstanding_frac(view: InstanceView) -> float:
     """Outstanding requests (ours or the engine's count, the larger) over capacity."""
-    return view.outstanding / view.max_concurrent_requests
+    engine = view.num_running + view.num_waiting  # view.outstanding, inlined: a hot path
+    ours = view.in_flight
+    return (ours if ours > engine else engine) / view.max_concurrent_requests
 
 
 def load_key(view: InstanceView) -> tuple[float, int, float]:
     """Smaller is less loaded: outstanding work over capacity, then prompt tokens still
     waiting for prefill, then KV-cache usage."""
-    engine = view.num_running + view.num_waiting  # view.outstanding, inlined: a hot path
-    ours = view.in_flight
-    return (
-        (ours if ours > engine else engine) / view.max_concurrent_requests,
-        view.pending_prefill_tokens,
-        view.kv_cache_usage_frac,
-    )
+    return (outstanding_frac(view), view.pending_prefill_tokens, view.kv_cache_usage_frac)
 
 
 def hint_miss(view: InstanceView, hint: ParallelismType | None) -> int:
