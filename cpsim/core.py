@@ -105,7 +105,8 @@ class ControlPlane:
         self.metrics = metrics or MetricsCollector()
         self._requests: dict[str, RequestState] = {}
         self._queue: list[RequestState] = []  # kept in arrival order (seq)
-        self._handoffs: list[RequestState] = []  # prefilled, waiting for a decode instance
+        # prefilled, waiting for a decode instance (by id, in order); still on the prefill one
+        self._handoffs: dict[str, RequestState] = {}
         self._instances: dict[str, InstanceState] = {}
         # what policies see, refreshed before a dispatch pass for the instances whose state
         # changed since (``_stale``); ``_num_open`` of them have capacity
@@ -187,8 +188,6 @@ class ControlPlane:
         elif req.instance_id is not None:
             abort = Abort(request_id, req.instance_id)
             self._release(req, now)
-            if req in self._handoffs:
-                self._handoffs.remove(req)
         self._terminate(req, RequestStatus.CANCELLED, now, "cancelled")
         return abort
 
@@ -199,14 +198,19 @@ class ControlPlane:
     def request_state(self, request_id: str) -> RequestState | None:
         return self._requests.get(request_id)
 
-    def _running(self, request_id: str, instance_id: str | None) -> RequestState | None:
+    def _running(
+        self, request_id: str, instance_id: str | None, handoff_ok: bool = False
+    ) -> RequestState | None:
         """The request an engine event is about, or None when the event is stale: the
-        request is finished, not running, or (when the backend names the instance) was
-        moved to another instance since."""
+        request is finished, not running, (when the backend names the instance) was moved to
+        another instance since, or its prefill is done and it waits for a decode instance
+        (then only a failure of the prefill instance still concerns it: ``handoff_ok``)."""
         req = self._requests.get(request_id)
         if req is None or req.status is not RequestStatus.RUNNING:
             return None
         if instance_id is not None and req.instance_id != instance_id:
+            return None
+        if not handoff_ok and request_id in self._handoffs:
             return None
         return req
 
@@ -240,7 +244,7 @@ class ControlPlane:
             return
         req.prefill_done_s = now
         req.phase = Phase.DECODE
-        self._handoffs.append(req)
+        self._handoffs[request_id] = req
 
     def on_finish(
         self,
@@ -278,7 +282,7 @@ class ControlPlane:
         instance_id: str | None = None,
     ) -> None:
         """The backend could not serve the request (engine error, timeout, lost instance)."""
-        req = self._running(request_id, instance_id)
+        req = self._running(request_id, instance_id, handoff_ok=True)
         if req is None:
             return
         self._release(req, now)
@@ -329,19 +333,16 @@ class ControlPlane:
     def _dispatch_handoffs(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
-        waiting: list[RequestState] = []
-        for req in self._handoffs:
+        for req in list(self._handoffs.values()):
             cands = self._candidates(req.view, Phase.DECODE, views)
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
-                waiting.append(req)
                 continue
             source = req.instance_id
             self._release(req, now)
             self._assign(req, choice.instance_id, Phase.DECODE, now)
             req.decode_instance_id = choice.instance_id
             out.append(Dispatch(req.view.meta, choice.instance_id, Phase.DECODE, source))
-        self._handoffs = waiting
 
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
@@ -450,6 +451,9 @@ class ControlPlane:
         self._stale.discard(instance_id)
 
     def _release(self, req: RequestState, now: float) -> None:
+        """The request leaves its instance (and the hand-off wait, if it was in it)."""
+        if self._handoffs:
+            self._handoffs.pop(req.view.request_id, None)
         inst = self._instances.get(req.instance_id or "")
         if inst is not None:
             inst.release(req, now)
@@ -459,8 +463,6 @@ class ControlPlane:
         for rid in affected:
             req = self._requests[rid]
             self._release(req, now)
-            if req in self._handoffs:
-                self._handoffs.remove(req)
             self._requeue_or_fail(req, now, reason, retryable=True)
         return affected
 

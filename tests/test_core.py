@@ -169,6 +169,40 @@ def test_pd_handoff_names_both_instances() -> None:
     assert row["ttft_ms"] == pytest.approx(600.0)
 
 
+def _waiting_for_handoff() -> ControlPlane:
+    """One request prefilled on "p" and waiting for a decode instance (none is open)."""
+    cp = ControlPlane(SCHEDULING_POLICIES["fifo"](), ROUTERS["round_robin"](), AlwaysPrefill())
+    cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
+    cp.on_arrival(req("long", max_tokens=8), 0.0)
+    (d,) = cp.dispatch(0.0)
+    assert d.phase is Phase.PREFILL
+    cp.on_prefill_done("long", 0.5, "p")
+    assert cp.dispatch(0.5) == []
+    return cp
+
+
+def test_a_stale_finish_during_the_handoff_wait_is_ignored() -> None:
+    # Found by the state machine below: the request was completed and still handed off later.
+    cp = _waiting_for_handoff()
+    cp.on_finish("long", 0.6, 1, "p")
+    cp.on_first_token("long", 0.6, "p")
+    assert cp.status("long") is RequestStatus.RUNNING
+    cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.7)
+    (handoff,) = cp.dispatch(0.7)
+    assert (handoff.phase, handoff.instance_id) == (Phase.DECODE, "d")
+
+
+def test_a_prefill_failure_during_the_handoff_wait_requeues_once() -> None:
+    # Found by the state machine below: the request was queued and still waiting for hand-off.
+    cp = _waiting_for_handoff()
+    cp.on_failure("long", 0.6, "engine error", True, "p")
+    assert cp.status("long") is RequestStatus.QUEUED
+    assert cp.instance_state("p").view().in_flight == 0
+    cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.7)
+    (again,) = cp.dispatch(0.7)  # a new prefill, no hand-off of the lost KV
+    assert (again.phase, again.instance_id) == (Phase.PREFILL, "p")
+
+
 def test_cost_shares_add_up_to_busy_cost() -> None:
     cp = make_cp()
     cp.add_instance(ExecutionInstance("a", cost_per_gpu_hour=3600.0), 0.0)  # $1 per second
