@@ -4,7 +4,8 @@ Each configuration runs in a fresh subprocess (so its peak RSS is its own): OPT-
 A100-80GB (the published vLLM profile), FIFO + load-balanced routing, Azure 2023 conversation
 lengths sampled with replacement, Poisson arrivals at ``--load`` of the cluster's capacity.
 Capacity per replica is calibrated first by saturating one replica (or given by
-``--capacity-rps``)."""
+``--capacity-rps``). The ``build`` column says whether the simulator's hot modules ran as pure
+Python or compiled (``CPSIM_MYPYC=1 pip install -e .``, see ``cpsim/compiled.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TRACE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 PROFILE = "vllm-opt-13b-a100-80gb-tp1"
 MAX_CONTEXT_TOKENS = 2048  # OPT-13B's context window
 COLUMNS = (
+    "build",
     "requests",
     "replicas",
     "rate_rps",
@@ -125,6 +127,7 @@ def run_one(
     cpu_s = time.process_time() - cpu0
     peak_rss = _rss_mb("VmHWM")
     return {
+        "build": build_kind(),
         "requests": num_requests,
         "replicas": num_replicas,
         "rate_rps": round(rate_rps, 3),
@@ -140,6 +143,16 @@ def run_one(
         "peak_rss_mb": round(peak_rss, 1),
         "rss_growth_mb": round(peak["rss"] - base_rss, 1),
     }
+
+
+def build_kind() -> str:
+    """``python``, ``mypyc`` (all of ``cpsim.compiled.MODULES`` compiled) or ``partial``."""
+    from cpsim.compiled import MODULES, compiled_modules, stale_modules
+
+    if stale_modules():
+        raise RuntimeError(f"stale compiled modules {stale_modules()}: rebuild before measuring")
+    compiled = len(compiled_modules())
+    return "python" if compiled == 0 else "mypyc" if compiled == len(MODULES) else "partial"
 
 
 def calibrate_capacity_rps(num_requests: int = 3000, seed: int = 0) -> float:

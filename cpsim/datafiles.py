@@ -10,6 +10,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# The repository's profile folder (here, not in profiles.py: a compiled module's __file__ is
+# not its source's path, see cpsim/compiled.py).
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "profile"
+
 
 def data_names(kind: str) -> list[str]:
     """Short names of the files of one kind (``models``, ``gpus``)."""

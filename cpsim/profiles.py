@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import yaml
 
+from cpsim.datafiles import PROFILE_DIR
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.protocols import LatencyEstimate
 from cpsim.validation import check_positive
@@ -63,9 +64,6 @@ def step_features(batch: StepBatch) -> tuple[float, ...]:
         0.0,  # serving_engine_frac: the engine part's time, which needs the coefficients
         float(batch.num_prefill_seqs) if batch.num_prefill_tokens else 0.0,
     )
-
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "profile"
-
 
 def _check_coefficients(name: str, coefficients: Mapping[str, float]) -> dict[str, float]:
     unknown = sorted(set(coefficients) - set(TERMS))

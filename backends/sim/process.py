@@ -128,8 +128,6 @@ class ReplicaProcess:
         """Schedule a fault on this replica (at ``fault.at_s``)."""
         self.env.process(self._fault(fault))
 
-    schedule_fault = add_fault
-
     def snapshot(self, now: float | None = None) -> InstanceSnapshot:
         """What a scrape of the engine's metrics would show now."""
         now = float(self.env.now if now is None else now)
@@ -275,7 +273,7 @@ class ReplicaProcess:
             next_end = linear_run_end_s(first, increment, num_steps + 1)
         else:
             num_steps = int(np.searchsorted(times, elapsed, side="right"))
-            in_flight = num_steps == 0 or times[num_steps - 1] < elapsed
+            in_flight = num_steps == 0 or float(times[num_steps - 1]) < elapsed
             next_end = float(times[num_steps]) if num_steps < horizon else 0.0
         if num_steps < horizon and in_flight:
             self._state = _BUSY

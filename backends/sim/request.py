@@ -62,30 +62,17 @@ class SimRequest:
         block_hashes: tuple[int, ...] = (),
         prompt_cached: bool = False,
         arrival_time_s: float = 0.0,
+        validate: bool = True,
     ) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={request_id!r} must be a non-empty string")
-        check_positive("num_prompt_tokens", num_prompt_tokens, integer=True)
-        check_positive("max_tokens", max_tokens, integer=True)
-        check_non_negative("arrival_time_s", arrival_time_s)
-        self._init(
-            request_id,
-            int(num_prompt_tokens),
-            int(max_tokens),
-            tuple(block_hashes),
-            bool(prompt_cached),
-            float(arrival_time_s),
-        )
-
-    def _init(
-        self,
-        request_id: str,
-        num_prompt_tokens: int,
-        max_tokens: int,
-        block_hashes: tuple[int, ...],
-        prompt_cached: bool,
-        arrival_time_s: float,
-    ) -> None:
+        if validate:  # from_metadata passes False: RequestMetadata checked its fields already
+            if not isinstance(request_id, str) or not request_id:
+                raise ValueError(f"request_id={request_id!r} must be a non-empty string")
+            check_positive("num_prompt_tokens", num_prompt_tokens, integer=True)
+            check_positive("max_tokens", max_tokens, integer=True)
+            check_non_negative("arrival_time_s", arrival_time_s)
+            num_prompt_tokens, max_tokens = int(num_prompt_tokens), int(max_tokens)
+            block_hashes, prompt_cached = tuple(block_hashes), bool(prompt_cached)
+            arrival_time_s = float(arrival_time_s)
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
@@ -118,17 +105,15 @@ class SimRequest:
     ) -> SimRequest:
         """The replica-side request for one dispatch: PREFILL generates 1 token, DECODE starts
         from a handed-off prompt, FULL does both; hashes at the replica's block size."""
-        # RequestMetadata validated its fields already: build without re-checking them.
-        req = cls.__new__(cls)
-        req._init(
+        return cls(
             meta.request_id,
             max(1, meta.prompt_tokens),
             1 if phase is Phase.PREFILL else int(meta.max_tokens),
             replica_block_hashes(meta, block_size),
             phase is Phase.DECODE,
             float(arrival_time_s),
+            validate=False,
         )
-        return req
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,124 @@
+"""The optional compiled build of the simulator's hot path (mypyc), and a check that it is current.
+
+``CPSIM_MYPYC=1 pip install -e .`` compiles the modules in ``MODULES`` with mypyc: the same
+source, type-checked and translated to C, about twice as fast (``benchmarks/README.md``). A plain
+install is pure Python and behaves identically (the simulator's results are bit for bit the same).
+
+A compiled module shadows its ``.py`` file, so an edit to the source has no effect until it is
+rebuilt. The build records a hash of each source it compiled; ``stale_modules()`` lists the
+compiled modules whose source changed since, and importing cpsim warns about them.
+The ``cpsim-compiled`` command says which build is in use; ``--clean`` removes the compiled files
+(a plain ``pip install -e .`` does not: they are build outputs in the source tree). Policies and
+routers other than the ranking helpers stay interpreted, so new ones need no build.
+This module uses only the standard library: ``setup.py`` reads ``MODULES`` from it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+ENV_VAR = "CPSIM_MYPYC"
+MANIFEST = "_compiled_sources.json"  # written next to this file by the compiled build
+MODULES = (
+    "backends.sim.block_manager",
+    "backends.sim.cluster",
+    "backends.sim.decode_set",
+    "backends.sim.process",
+    "backends.sim.replica",
+    "backends.sim.request",
+    "backends.sim.scheduling",
+    "backends.sim.step",
+    "cpsim.core",
+    "cpsim.instances",
+    "cpsim.metrics",
+    "cpsim.profiles",
+    "cpsim.requests",
+    "cpsim.views",
+    "policies.routing.ranking",
+)
+
+
+def source_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _paths(module: str) -> tuple[Path, list[Path]]:
+    """A module's source file and the compiled extensions beside it, found on disk (a compiled
+    module's own ``__file__`` points into the shared library's folder, so it is not used)."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    assert spec is not None and spec.submodule_search_locations is not None
+    base = Path(next(iter(spec.submodule_search_locations))) / rest.replace(".", "/")
+    return base.with_suffix(".py"), [
+        base.with_name(base.name + suffix)
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        if base.with_name(base.name + suffix).exists()
+    ]
+
+
+def compiled_modules() -> list[str]:
+    """The modules of ``MODULES`` that import from a compiled extension (empty: pure Python)."""
+    return [module for module in MODULES if _paths(module)[1]]
+
+
+def stale_modules(manifest: Path | None = None) -> list[str]:
+    """Compiled modules whose ``.py`` source differs from the one they were compiled from
+    (``manifest``: the build's record of its sources; by default the one beside this file)."""
+    compiled = compiled_modules()
+    if not compiled:
+        return []
+    manifest = manifest or Path(__file__).with_name(MANIFEST)
+    built: dict[str, str] = json.loads(manifest.read_text()) if manifest.exists() else {}
+    stale = []
+    for module in compiled:
+        source = _paths(module)[0]
+        if not source.exists() or built.get(module) != source_hash(source):
+            stale.append(module)
+    return stale
+
+
+def warn_if_stale() -> None:
+    stale = stale_modules()
+    if stale:
+        warnings.warn(
+            f"compiled modules older than their source: {', '.join(stale)}; the compiled code "
+            f"runs, not your edits. Rebuild with `{ENV_VAR}=1 pip install -e .`, or go back "
+            f"to pure Python with `cpsim-compiled --clean`",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def clean() -> list[Path]:
+    """Delete the compiled build's files from the source tree (an editable install's build):
+    the modules' extensions, the shared library beside this file and the manifest."""
+    here = Path(__file__).parent
+    files = [ext for module in MODULES for ext in _paths(module)[1]]
+    files += [p for s in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"*__mypyc{s}")]
+    files += [p for p in [here / MANIFEST] if p.exists()]
+    for path in files:
+        path.unlink()
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cpsim-compiled", description="Status (or removal) of the compiled build."
+    )
+    parser.add_argument("--clean", action="store_true", help="delete the compiled files")
+    args = parser.parse_args(argv)
+    if args.clean:
+        removed = clean()
+        print(f"removed {len(removed)} compiled file(s); the simulator runs as pure Python")
+        return
+    compiled, stale = compiled_modules(), stale_modules()
+    print(
+        f"compiled: {len(compiled)} of {len(MODULES)} modules"
+        + (f"; stale: {stale}" if stale else "")
+    )

@@ -1,0 +1,45 @@
+"""The optional mypyc build (cpsim/compiled.py): all or nothing, and a stale build is reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import cpsim.compiled as compiled
+
+
+def test_the_build_in_use_is_whole_and_current() -> None:
+    # CI runs the suite twice: pure Python, then compiled (.ci/run). Both must hold this.
+    assert compiled.compiled_modules() in ([], list(compiled.MODULES))
+    assert compiled.stale_modules() == []
+
+
+def test_an_edited_source_makes_its_compiled_module_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = {}
+    for module in ("pkg.fresh", "pkg.edited"):
+        source = tmp_path / f"{module}.py"
+        source.write_text("x = 1\n")
+        sources[module] = source
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({m: compiled.source_hash(p) for m, p in sources.items()}))
+    sources["pkg.edited"].write_text("x = 2\n")
+    monkeypatch.setattr(compiled, "MODULES", tuple(sources))
+    monkeypatch.setattr(compiled, "_paths", lambda m: (sources[m], [sources[m].with_suffix(".so")]))
+    assert compiled.stale_modules(manifest) == ["pkg.edited"]
+    manifest.unlink()  # no record of the build: every compiled module is suspect
+    assert compiled.stale_modules(manifest) == ["pkg.fresh", "pkg.edited"]
+
+
+def test_a_stale_build_warns_with_the_module_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "stale_modules", lambda: ["cpsim.core"])
+    with pytest.warns(RuntimeWarning, match=r"cpsim\.core.*CPSIM_MYPYC=1 pip install -e \."):
+        compiled.warn_if_stale()
+
+
+def test_pure_python_has_nothing_to_warn_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "compiled_modules", lambda: [])
+    assert compiled.stale_modules() == []
