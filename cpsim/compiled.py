@@ -32,6 +32,7 @@ MODULES = (
     "backends.sim.request",
     "backends.sim.scheduling",
     "backends.sim.step",
+    "backends.sim.wakeup",
     "cpsim.core",
     "cpsim.instances",
     "cpsim.metrics",

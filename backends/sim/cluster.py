@@ -17,6 +17,7 @@ from backends.sim.faults import Fault
 from backends.sim.handoff import KVTransfers
 from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
+from backends.sim.wakeup import call_later
 from cpsim.backend import ControlPlaneEvents
 from cpsim.core import ControlPlane, Dispatch
 from cpsim.latency import StepLatencyModel
@@ -220,7 +221,7 @@ class ClusterSimulation:
             for arrival_s, meta in stream:
                 if arrival_s > env.now:
                     due = meta
-                    env.timeout(arrival_s - env.now).callbacks.append(arrive)
+                    call_later(env, arrival_s - env.now, arrive)
                     return
                 admit(meta)
             if bar is not None:
