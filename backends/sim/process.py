@@ -36,8 +36,7 @@ class ReplicaProcess:
 
     It is a state machine of event callbacks, not a generator process: each step, run or stall
     is one SimPy wake-up (``wakeup.call_later``) whose callback applies it and starts what comes
-    next (about 10 %
-    faster than resuming a process per event, with the same results).
+    next (about 10 % faster than resuming a process per event, with the same results).
 
     ``token_reports="finish"`` reports the first token at its exact time and then only
     ``on_finish``, which carries the output token count (cheap: no per-step calls);
