@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from cpsim.protocols import LatencyEstimate, LatencyModel
 from cpsim.validation import check_non_negative, check_positive
@@ -18,14 +17,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class StepBatch:
+class StepBatch(NamedTuple):
     """What one engine step computes, as the features a latency model prices.
 
     prefill: tokens computed this step for requests still in prefill (chunks), the sum of
     squared chunk lengths, and the tokens of context the chunks attend to (cached or
     computed in earlier chunks); decode: sequences producing one token each and the
-    total context those sequences attend to."""
+    total context those sequences attend to. A NamedTuple (immutable like a frozen
+    dataclass, several times cheaper to build): the simulator prices one per step."""
 
     num_prefill_tokens: int = 0
     sum_sq_prefill_tokens: int = 0
