@@ -38,7 +38,10 @@ def extensions() -> list:
     from mypyc.build import mypycify
 
     paths = [module.replace(".", "/") + ".py" for module in COMPILED["MODULES"]]
-    return mypycify(paths, opt_level="3", group_name="cpsim._native")
+    # --no-site-packages: third-party types (numpy, pandas, simpy) are Any to the compiler, in
+    # every environment. With their stubs found, mypyc trusts them and checks at run time that,
+    # say, a pandas sum is an int, which a numpy.int64 is not.
+    return mypycify(["--no-site-packages", *paths], opt_level="3", group_name="cpsim._native")
 
 
 ext_modules = extensions()
