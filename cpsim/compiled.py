@@ -94,10 +94,11 @@ def warn_if_stale() -> None:
         )
 
 
-def clean() -> list[Path]:
+def clean(here: Path | None = None) -> list[Path]:
     """Delete the compiled build's files from the source tree (an editable install's build):
-    the modules' extensions, the shared library beside this file and the manifest."""
-    here = Path(__file__).parent
+    the modules' extensions, the shared library and the manifest (both in ``here``: by
+    default the folder of this file)."""
+    here = here or Path(__file__).parent
     files = [ext for module in MODULES for ext in _paths(module)[1]]
     files += [p for s in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"*__mypyc{s}")]
     files += [p for p in [here / MANIFEST] if p.exists()]

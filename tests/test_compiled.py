@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 from pathlib import Path
 
@@ -43,3 +44,24 @@ def test_a_stale_build_warns_with_the_module_and_the_fix(monkeypatch: pytest.Mon
 def test_pure_python_has_nothing_to_warn_about(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled, "compiled_modules", lambda: [])
     assert compiled.stale_modules() == []
+
+
+def test_clean_removes_the_extensions_the_shared_library_and_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    source, ext = tmp_path / "core.py", tmp_path / f"core{suffix}"
+    shared, manifest = tmp_path / f"_native__mypyc{suffix}", tmp_path / compiled.MANIFEST
+    for path in (source, ext, shared, manifest):
+        path.write_text("")
+    monkeypatch.setattr(compiled, "MODULES", ("pkg.core",))
+    monkeypatch.setattr(compiled, "_paths", lambda m: (source, [ext] if ext.exists() else []))
+    assert sorted(compiled.clean(tmp_path)) == sorted([ext, shared, manifest])
+    assert [p.name for p in tmp_path.iterdir()] == ["core.py"]  # the source stays
+    assert compiled.clean(tmp_path) == []
+
+
+def test_the_command_reports_the_build_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    compiled.main([])
+    n = len(compiled.compiled_modules())
+    assert capsys.readouterr().out == f"compiled: {n} of {len(compiled.MODULES)} modules\n"
