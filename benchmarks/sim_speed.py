@@ -149,8 +149,9 @@ def build_kind() -> str:
     """``python``, ``mypyc`` (all of ``cpsim.compiled.MODULES`` compiled) or ``partial``."""
     from cpsim.compiled import MODULES, compiled_modules, stale_modules
 
-    if stale_modules():
-        raise RuntimeError(f"stale compiled modules {stale_modules()}: rebuild before measuring")
+    stale = stale_modules()
+    if stale:
+        raise RuntimeError(f"stale compiled modules {stale}: rebuild before measuring")
     compiled = len(compiled_modules())
     return "python" if compiled == 0 else "mypyc" if compiled == len(MODULES) else "partial"
 

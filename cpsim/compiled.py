@@ -69,14 +69,15 @@ def compiled_modules() -> list[str]:
 def stale_modules(manifest: Path | None = None) -> list[str]:
     """Compiled modules whose ``.py`` source differs from the one they were compiled from
     (``manifest``: the build's record of its sources; by default the one beside this file)."""
-    compiled = compiled_modules()
-    if not compiled:
-        return []
-    manifest = manifest or Path(__file__).with_name(MANIFEST)
-    built: dict[str, str] = json.loads(manifest.read_text()) if manifest.exists() else {}
+    built: dict[str, str] | None = None
     stale = []
-    for module in compiled:
-        source = _paths(module)[0]
+    for module in MODULES:
+        source, extensions = _paths(module)
+        if not extensions:
+            continue  # pure Python: nothing to be stale
+        if built is None:
+            manifest = manifest or Path(__file__).with_name(MANIFEST)
+            built = json.loads(manifest.read_text()) if manifest.exists() else {}
         if not source.exists() or built.get(module) != source_hash(source):
             stale.append(module)
     return stale

@@ -65,6 +65,7 @@ def step_features(batch: StepBatch) -> tuple[float, ...]:
         float(batch.num_prefill_seqs) if batch.num_prefill_tokens else 0.0,
     )
 
+
 def _check_coefficients(name: str, coefficients: Mapping[str, float]) -> dict[str, float]:
     unknown = sorted(set(coefficients) - set(TERMS))
     if unknown:

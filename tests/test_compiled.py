@@ -42,7 +42,7 @@ def test_a_stale_build_warns_with_the_module_and_the_fix(monkeypatch: pytest.Mon
 
 
 def test_pure_python_has_nothing_to_warn_about(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compiled, "compiled_modules", lambda: [])
+    monkeypatch.setattr(compiled, "_paths", lambda m: (Path(f"{m}.py"), []))
     assert compiled.stale_modules() == []
 
 

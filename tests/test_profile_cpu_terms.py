@@ -110,14 +110,6 @@ def test_closed_form_decode_matches_step_prices(terms: dict[str, float]) -> None
     )
 
 
-def test_cpu_profile_closed_form_decode_matches_step_prices() -> None:
-    model = load_profile("vllm-cpu-tiny-llama-tp1")
-    first, increment = model.decode_step_linear_s(5, 4000, 5)  # type: ignore[misc]
-    for i in range(3):
-        batch = StepBatch(num_decode_seqs=5, decode_context_tokens=4000 + 5 * i)
-        assert first + increment * i == pytest.approx(model.step_time_s(batch), rel=1e-12)
-
-
 def test_features_have_one_entry_per_term() -> None:
     assert len(step_features(BATCHES[2])) == len(TERMS)
     assert set(ENGINE_PART) | {t for t in TERMS if t.startswith("serving_")} == set(TERMS)

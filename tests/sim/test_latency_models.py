@@ -126,15 +126,22 @@ def test_unknown_profile_lists_the_known_ones() -> None:
         load_profile("no-such-profile")
 
 
-def test_linear_decode_form_matches_per_step_prices() -> None:
-    model = load_profile("vllm-opt-13b-a100-80gb-tp1")
-    first, increment = model.decode_step_linear_s(10, 5000, 10)  # type: ignore[misc]
-    for i in range(5):
-        batch = StepBatch(num_decode_seqs=10, decode_context_tokens=5000 + 10 * i)
+@pytest.mark.parametrize(
+    ("profile", "seqs", "context", "steps"),
+    [("vllm-opt-13b-a100-80gb-tp1", 10, 5000, 5), ("vllm-cpu-tiny-llama-tp1", 5, 4000, 3)],
+)
+def test_linear_decode_form_matches_per_step_prices(
+    profile: str, seqs: int, context: int, steps: int
+) -> None:
+    # The measured CPU profile has serving terms the published ones price at 0.
+    model = load_profile(profile)
+    first, increment = model.decode_step_linear_s(seqs, context, seqs)  # type: ignore[misc]
+    for i in range(steps):
+        batch = StepBatch(num_decode_seqs=seqs, decode_context_tokens=context + seqs * i)
         assert first + increment * i == pytest.approx(model.step_time_s(batch), rel=1e-12)
     contexts = np.array([100, 200, 300])
-    assert model.decode_step_times_s(10, contexts).tolist() == pytest.approx(
-        [model.step_time_s(StepBatch(num_decode_seqs=10, decode_context_tokens=c))
+    assert model.decode_step_times_s(seqs, contexts).tolist() == pytest.approx(
+        [model.step_time_s(StepBatch(num_decode_seqs=seqs, decode_context_tokens=c))
          for c in (100, 200, 300)]
     )
 
