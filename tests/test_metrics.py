@@ -1,0 +1,96 @@
+"""The per-request record store: chunks, spilling, column types and extras."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cpsim.metrics import RECORD_COLUMNS, RecordStore
+
+
+def _row(i: int, slo: float | None = 500, reason: str | None = None) -> tuple[Any, ...]:
+    values: dict[str, Any] = {
+        "request_id": f"req-{i}",
+        "user_id": f"user-{i % 3}",
+        "priority": "NORMAL",
+        "status": "COMPLETED" if reason is None else "FAILED",
+        "reason": reason,
+        "arrival_time_s": 0.5 * i,
+        "dispatch_time_s": 0.5 * i,
+        "first_token_time_s": 0.5 * i + 0.1,
+        "finish_time_s": 0.5 * i + 1.0,
+        "queue_delay_ms": 0.0,
+        "ttft_ms": 100.0,
+        "tpot_ms": 10.0,
+        "latency_ms": 1000.0,
+        "num_prompt_tokens": 100 + i,
+        "num_output_tokens": 10,
+        "instance_id": f"gpu-{i % 2}",
+        "prefill_instance_id": None,
+        "decode_instance_id": None,
+        "slo_deadline_ms": math.nan if slo is None else slo,
+        "slo_met": None if slo is None else True,
+        "cost_usd": 0.001,
+        "predicted_cost_usd": math.nan,
+        "policy": "fifo",
+        "attempts": 1,
+    }
+    return tuple(values[c] for c in RECORD_COLUMNS)
+
+
+def _fill(store: RecordStore, n: int) -> None:
+    for i in range(n):
+        extras = {"num_preemptions": 1.0} if i % 4 == 3 else {}
+        store.append(_row(i, reason="boom" if i == 5 else None), extras)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 1000])
+def test_chunked_and_spilled_records_equal_the_records_in_one_chunk(
+    chunk_rows: int, tmp_path: Path
+) -> None:
+    whole = RecordStore()
+    _fill(whole, 10)
+    expected = whole.frame()
+    for spill in (None, tmp_path / f"spill-{chunk_rows}"):
+        store = RecordStore(chunk_rows=chunk_rows, spill_dir=spill)
+        _fill(store, 10)
+        assert len(store) == 10
+        pd.testing.assert_frame_equal(store.frame(), expected)
+    assert list(expected.columns) == [*RECORD_COLUMNS, "num_preemptions"]
+
+
+def test_columns_have_fixed_types_whatever_the_values() -> None:
+    store = RecordStore()
+    _fill(store, 4)  # every SLO an integer number of milliseconds
+    frame = store.frame()
+    assert frame["slo_deadline_ms"].dtype == np.float64
+    assert frame["num_prompt_tokens"].dtype == np.int64
+    assert isinstance(frame["status"].dtype, pd.CategoricalDtype)
+    assert frame["reason"].isna().all()
+    # an extra seen first on the fourth row is NaN on the rows before it
+    assert frame["num_preemptions"].isna().tolist() == [True, True, True, False]
+
+
+def test_a_summary_reads_only_the_columns_it_asks_for(tmp_path: Path) -> None:
+    store = RecordStore(chunk_rows=4, spill_dir=tmp_path)
+    _fill(store, 10)
+    frame = store.frame(["status", "latency_ms"])
+    assert list(frame.columns) == ["status", "latency_ms"]
+    assert frame["status"].tolist().count("FAILED") == 1
+
+
+def test_a_record_of_the_wrong_length_is_refused() -> None:
+    store = RecordStore()
+    with pytest.raises(ValueError, match="a record has 3 values; RECORD_COLUMNS has 24"):
+        store.append(("a", "b", "c"), {})
+    assert len(store) == 0
+
+
+def test_an_empty_store_gives_an_empty_frame_with_every_column() -> None:
+    frame = RecordStore().frame()
+    assert frame.empty and list(frame.columns) == list(RECORD_COLUMNS)
