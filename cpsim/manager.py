@@ -149,7 +149,7 @@ class ControlPlaneManager:
             make_scheduling_policy(scheduling_policy), self.router, pd_policy, config
         )
         self.core.terminal_listeners.append(self._on_terminal)
-        self.events = ControlPlaneEvents(self.core, self._pump)
+        self.events = ControlPlaneEvents(self.core, lambda _now: self._pump())  # its own clock
         self.backend = backend if backend is not None else self._default_backend()
         self.load_balancer = LoadBalancer(self.core, self._now)
         self._t0 = time.monotonic()

@@ -207,8 +207,9 @@ class ClusterSimulation:
 
         def admit(meta: RequestMetadata) -> None:
             nonlocal num_done
-            cp.on_arrival(meta, env.now)
-            self._dispatch()
+            now = env.now
+            cp.on_arrival(meta, now)
+            self._dispatch(now)
             num_done += 1
             if bar is not None and num_done % 1024 == 0:
                 bar.update(1024)
@@ -219,9 +220,10 @@ class ClusterSimulation:
                 meta, due = due, None
                 admit(meta)
             for arrival_s, meta in stream:
-                if arrival_s > env.now:
+                now = env.now
+                if arrival_s > now:
                     due = meta
-                    call_later(env, arrival_s - env.now, arrive)
+                    call_later(env, arrival_s - now, arrive)
                     return
                 admit(meta)
             if bar is not None:
@@ -254,7 +256,7 @@ class ClusterSimulation:
                 if self.series is not None:
                     self.series.add(snap, len(cp.instance_state(iid).in_flight), queued)
             if cp.num_queued:  # what policies see changed: queued requests may fit now
-                self._dispatch()
+                self._dispatch(now)
             yield env.timeout(self.scrape_interval_s)
 
     def _on_terminal(self, _req: Any) -> None:
@@ -266,13 +268,13 @@ class ClusterSimulation:
             self._done.succeed()
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self) -> None:
-        for d in self.cp.dispatch(self.env.now):
-            self._start(d)
+    def _dispatch(self, now: float) -> None:
+        for d in self.cp.dispatch(now):
+            self._start(d, now)
 
-    def _start(self, d: Dispatch) -> None:
+    def _start(self, d: Dispatch, now: float) -> None:
         spec = self.specs[d.instance_id]
-        req = sim_request_for(d, spec.config, self.env.now)
+        req = sim_request_for(d, spec.config, now)
         proc = self.procs[d.instance_id]
         if d.phase is Phase.DECODE:
             delay_s = self.kv_link.transfer_s(

@@ -70,7 +70,7 @@ class ReplicaProcess:
         self._stalled_until_s = -_INF
         self._stall_debt_s = 0.0
         self._pending: WakeUp | None = None  # ends the work in flight
-        self._then: Callable[[], None] | None = None  # what follows it
+        self._then: Callable[[float], None] | None = None  # what follows it (given now)
         self._plan: StepPlan | None = None
         self._run_horizon = 0
         self._run_done = 0
@@ -162,7 +162,7 @@ class ReplicaProcess:
         the events already due now (so requests submitted together are scheduled together).
         A decode run whose step in flight ends later is cut at once instead (the same result
         without the extra event: nothing is decided before that step ends)."""
-        if self._state is _RUN and self._cut_run(tail_only=True):
+        if self._state is _RUN and self._cut_run(self.env.now, tail_only=True):
             return
         if not self._wake_due:
             self._wake_due = True
@@ -172,11 +172,13 @@ class ReplicaProcess:
         self._wake_due = False
         state = self._state
         if state is _RUN:
-            self._cut_run()
+            self._cut_run(self.env.now)
         elif state is not _BUSY:  # idle or stalled: decide again
-            self._next()
+            self._next(self.env.now)
 
-    def _wait(self, delay_s: float, then: Callable[[], None]) -> None:
+    # The clock is read once per wake-up and handed down as ``now`` (it cannot move within
+    # one): ``Environment.now`` is a Python property, and was read ~18 times per request.
+    def _wait(self, delay_s: float, then: Callable[[float], None]) -> None:
         """Work in flight for ``delay_s``; then (after any stall that began meanwhile) ``then``."""
         self._pending = call_later(self.env, delay_s, self._on_pending)
         self._then = then
@@ -184,9 +186,9 @@ class ReplicaProcess:
     def _on_pending(self, event: WakeUp) -> None:
         if event is self._pending:  # else stale: cut short, or lost in a crash
             self._pending = None
-            self._work_done()
+            self._work_done(self.env.now)
 
-    def _work_done(self) -> None:
+    def _work_done(self, now: float) -> None:
         debt = self._stall_debt_s
         if debt > 0:  # a stall that began during the work delays its end by the stall's length
             self._stall_debt_s = 0.0
@@ -196,19 +198,18 @@ class ReplicaProcess:
             return  # a stall for good: only a crash ends it
         start = self._step_start_s
         if start is not None:
-            self._busy_s += self.env.now - start
+            self._busy_s += now - start
             self._step_start_s = None
         then, self._then = self._then, None
         if then is not None:
-            then()
+            then(now)
 
-    def _next(self) -> None:
+    def _next(self, now: float) -> None:
         """Start what comes next: nothing, a stall, a decode run or one step."""
         rep = self.replica
         if not self.is_up or not rep.has_work:
             self._state = _IDLE
             return
-        now = self.env.now
         if now < self._stalled_until_s:
             self._state = _STALLED
             if self._stalled_until_s < _INF:
@@ -216,15 +217,15 @@ class ReplicaProcess:
             return
         horizon = rep.decode_horizon() if self.use_decode_runs else 0
         if horizon >= 2:
-            self._start_run(horizon)
+            self._start_run(horizon, now)
         else:
-            self._start_step()
+            self._start_step(now)
 
     def _on_stall_end(self, _event: WakeUp) -> None:
         if self._state is _STALLED:
-            self._next()
+            self._next(self.env.now)
 
-    def _start_step(self) -> None:
+    def _start_step(self, now: float) -> None:
         rep = self.replica
         plan = rep.schedule()
         if plan.is_empty:  # nothing admissible and nothing running: wait for a change
@@ -233,16 +234,16 @@ class ReplicaProcess:
             return
         self._plan = plan
         self._state = _BUSY
-        self._step_start_s = self.env.now
+        self._step_start_s = now
         self._wait(rep.latency.step_time_s(plan.batch) * self._slowdown, self._end_step)
 
-    def _end_step(self) -> None:
+    def _end_step(self, now: float) -> None:
         plan, self._plan = self._plan, None
         assert plan is not None
-        self._report(self.replica.update_from_output(plan))
-        self._next()
+        self._report(self.replica.update_from_output(plan), now)
+        self._next(now)
 
-    def _start_run(self, horizon: int) -> None:
+    def _start_run(self, horizon: int, now: float) -> None:
         rep, scale = self.replica, self._slowdown
         linear = rep.decode_run_linear_s(horizon)
         if linear is not None:
@@ -255,15 +256,15 @@ class ReplicaProcess:
         self._run_horizon = horizon
         self._state = _RUN
         self._in_run = True
-        self._step_start_s = self.env.now
+        self._step_start_s = now
         self._wait(total, self._end_run_whole)
 
-    def _cut_run(self, tail_only: bool = False) -> bool:
+    def _cut_run(self, now: float, tail_only: bool = False) -> bool:
         """Woken during a run: the step in flight finishes, then the run stops. With
         ``tail_only``, only when a step is still in flight (else nothing; False)."""
         horizon, times = self._run_horizon, self._run_times
         assert self._step_start_s is not None
-        elapsed = self.env.now - self._step_start_s
+        elapsed = now - self._step_start_s
         if times is None:
             first, increment = self._run_linear
             num_steps = linear_run_steps_done(first, increment, elapsed)
@@ -285,14 +286,14 @@ class ReplicaProcess:
         self._run_done = num_steps
         self._pending = None
         self._then = self._end_run
-        self._work_done()
+        self._work_done(now)
         return True
 
-    def _end_run_whole(self) -> None:
+    def _end_run_whole(self, now: float) -> None:
         self._run_done = self._run_horizon
-        self._end_run()
+        self._end_run(now)
 
-    def _end_run(self) -> None:
+    def _end_run(self, now: float) -> None:
         rep = self.replica
         self._state = _BUSY  # until _next: a wake-up during the reports below waits for it
         self._in_run = False
@@ -302,12 +303,12 @@ class ReplicaProcess:
             for request_id in self._deferred_aborts:
                 rep.abort_request(request_id)
             self._deferred_aborts.clear()
-        self._report(outcome)
-        self._next()
+        self._report(outcome, now)
+        self._next(now)
 
     # ------------------------------------------------------------------ reports
-    def _report(self, outcome: StepOutcome) -> None:
-        now, iid, events, phases = self.env.now, self.instance_id, self.events, self._phases
+    def _report(self, outcome: StepOutcome, now: float) -> None:
+        iid, events, phases = self.instance_id, self.events, self._phases
         for rid in outcome.first_token_ids:
             req = self.replica.get(rid)
             if req is not None:
