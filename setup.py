@@ -20,6 +20,9 @@ class BuildExtWithManifest(build_ext):
     """build_ext that also records which source each compiled module was built from."""
 
     def run(self) -> None:
+        if self.inplace:  # an editable install builds into the source tree
+            for path in COMPILED["orphan_extensions"](HERE):
+                path.unlink()
         super().run()
         hashes = {
             module: COMPILED["source_hash"](HERE / (module.replace(".", "/") + ".py"))

@@ -39,6 +39,7 @@ MODULES = (
     "cpsim.profiles",
     "cpsim.requests",
     "cpsim.views",
+    "cpsim.workload.emit",
     "policies.routing.ranking",
 )
 
@@ -47,13 +48,17 @@ def source_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _package_dir(top: str) -> Path:
+    spec = importlib.util.find_spec(top)
+    assert spec is not None and spec.submodule_search_locations is not None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _paths(module: str) -> tuple[Path, list[Path]]:
     """A module's source file and the compiled extensions beside it, found on disk (a compiled
     module's own ``__file__`` points into the shared library's folder, so it is not used)."""
     top, _, rest = module.partition(".")
-    spec = importlib.util.find_spec(top)
-    assert spec is not None and spec.submodule_search_locations is not None
-    base = Path(next(iter(spec.submodule_search_locations))) / rest.replace(".", "/")
+    base = _package_dir(top) / rest.replace(".", "/")
     return base.with_suffix(".py"), [
         base.with_name(base.name + suffix)
         for suffix in importlib.machinery.EXTENSION_SUFFIXES
@@ -95,12 +100,33 @@ def warn_if_stale() -> None:
         )
 
 
+def orphan_extensions(project: Path | None = None) -> list[Path]:
+    """Module extensions of an earlier build for modules no longer in ``MODULES``: one
+    would shadow its ``.py`` file with a module the shared library no longer has, and the
+    import fails. The build deletes them; so does ``clean``. ``project``: the folder of the
+    top-level packages (by default found by import)."""
+    tops = sorted({module.partition(".")[0] for module in MODULES})
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    found = []
+    for top in tops:
+        root = project / top if project is not None else _package_dir(top)
+        for path in sorted(root.rglob("*")):
+            if not path.name.endswith(suffixes) or "__mypyc" in path.name:
+                continue  # not an extension, or the shared library itself
+            stem = path.name.partition(".")[0]  # core.cpython-311-x86_64-linux-gnu.so: core
+            module = ".".join([*path.parent.relative_to(root.parent).parts, stem])
+            if module not in MODULES:
+                found.append(path)
+    return found
+
+
 def clean(here: Path | None = None) -> list[Path]:
     """Delete the compiled build's files from the source tree (an editable install's build):
-    the modules' extensions, the shared library and the manifest (both in ``here``: by
-    default the folder of this file)."""
+    the modules' extensions (of this build or an earlier one), the shared library and the
+    manifest (both in ``here``: by default the folder of this file)."""
     here = here or Path(__file__).parent
     files = [ext for module in MODULES for ext in _paths(module)[1]]
+    files += orphan_extensions(here.parent)
     files += [p for s in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"*__mypyc{s}")]
     files += [p for p in [here / MANIFEST] if p.exists()]
     for path in files:

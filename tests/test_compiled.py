@@ -65,3 +65,14 @@ def test_the_command_reports_the_build_in_use(capsys: pytest.CaptureFixture[str]
     compiled.main([])
     n = len(compiled.compiled_modules())
     assert capsys.readouterr().out == f"compiled: {n} of {len(compiled.MODULES)} modules\n"
+
+
+def test_extensions_of_modules_no_longer_compiled_are_orphans(tmp_path: Path) -> None:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    kept = [tmp_path / f"cpsim/core{suffix}", tmp_path / f"cpsim/_native__mypyc{suffix}"]
+    orphan = tmp_path / f"cpsim/workload/workload{suffix}"  # compiled by an earlier build
+    for path in [*kept, orphan]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    assert compiled.orphan_extensions(tmp_path) == [orphan]
+    assert "cpsim.workload.workload" not in compiled.MODULES

@@ -7,6 +7,7 @@ from cpsim.workload.arrivals import (
     PoissonArrivals,
     RampArrivals,
 )
+from cpsim.workload.emit import TimedRequest
 from cpsim.workload.lengths import (
     FixedLengths,
     IndependentPairLengths,
@@ -26,7 +27,7 @@ from cpsim.workload.traces import (
     load_trace,
     resolve_trace_path,
 )
-from cpsim.workload.workload import SyntheticWorkload, TimedRequest, Workload
+from cpsim.workload.workload import SyntheticWorkload, Workload
 
 __all__ = [
     "TRACE_FORMATS",

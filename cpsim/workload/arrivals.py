@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from cpsim.validation import check_non_negative, check_positive
 #: Arrivals produced per batch; large enough to amortise numpy calls, small enough to be lazy.
 DEFAULT_BATCH_SIZE = 4096
 
-FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+FloatArray: TypeAlias = np.ndarray[Any, np.dtype[np.float64]]
 
 
 @runtime_checkable

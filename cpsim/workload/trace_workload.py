@@ -11,10 +11,11 @@ import numpy as np
 
 from cpsim.validation import check_non_negative, check_positive, check_range
 from cpsim.workload.arrivals import ArrivalProcess, FloatArray
+from cpsim.workload.emit import TimedRequest, emit_batch
 from cpsim.workload.lengths import clip_to_context
 from cpsim.workload.mix import RequestMix
 from cpsim.workload.traces import IntArray, TraceTable, load_trace
-from cpsim.workload.workload import TimedRequest, emit_batch, spawn_streams
+from cpsim.workload.workload import spawn_streams
 
 #: Tokens per Mooncake ``hash_ids`` block.
 PREFIX_BLOCK_SIZE_TOKENS = 512

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cpsim.types import RequestMetadata
 from cpsim.validation import check_positive
-from cpsim.workload.arrivals import DEFAULT_BATCH_SIZE, ArrivalProcess, FloatArray
+from cpsim.workload.arrivals import DEFAULT_BATCH_SIZE, ArrivalProcess
+from cpsim.workload.emit import TimedRequest, emit_batch
 from cpsim.workload.lengths import (
     IndependentPairLengths,
     LengthDistribution,
@@ -19,9 +19,6 @@ from cpsim.workload.lengths import (
     clip_to_context,
 )
 from cpsim.workload.mix import RequestMix
-from cpsim.workload.traces import IntArray
-
-TimedRequest = tuple[float, RequestMetadata]
 
 #: Samples behind the mean-length estimate when a context clip makes it not closed-form.
 ESTIMATE_SAMPLES = 1 << 16
@@ -53,40 +50,6 @@ def spawn_streams(seed: int | np.random.Generator, count: int) -> list[np.random
     if isinstance(seed, np.random.Generator):
         return seed.spawn(count)
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
-
-
-def emit_batch(
-    first_index: int,
-    id_prefix: str,
-    times_s: FloatArray,
-    prompt_tokens: IntArray,
-    output_tokens: IntArray,
-    mix: RequestMix,
-    mix_rng: np.random.Generator,
-    prefix_blocks: Sequence[tuple[int, ...] | None] | None = None,
-) -> Iterator[TimedRequest]:
-    """Requests ``{id_prefix}{first_index + i}`` for one batch of already clipped lengths."""
-    columns = mix.sample(mix_rng, prompt_tokens, output_tokens)
-    slos = columns.slo_deadline_ms
-    blocks = prefix_blocks
-    model, budget = mix.model_name, mix.cost_budget
-    for i, (t, prompt, output) in enumerate(
-        zip(times_s.tolist(), prompt_tokens.tolist(), output_tokens.tolist(), strict=True)
-    ):
-        yield (
-            t,
-            RequestMetadata(
-                request_id=f"{id_prefix}{first_index + i}",
-                user_id=columns.user_ids[i],
-                priority=columns.priorities[i],
-                slo_deadline_ms=None if slos is None else slos[i],
-                max_tokens=output,
-                model_name=model,
-                cost_budget=budget,
-                num_prompt_tokens=prompt,
-                prefix_block_ids=None if blocks is None else blocks[i],
-            ),
-        )
 
 
 @dataclass(frozen=True)
