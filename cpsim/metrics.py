@@ -220,8 +220,8 @@ class MetricsCollector:
         row = (
             v.request_id,
             v.user_id,
-            v.priority.name,
-            req.status.name,
+            v.priority._name_,  # Enum.name is a Python property; _name_ is its plain field
+            req.status._name_,
             req.reason or None,
             v.arrival_s,
             _NAN if req.dispatch_s is None else req.dispatch_s,
