@@ -125,8 +125,9 @@ class RecordStore:
         for name in extras:
             if name not in cols:
                 cols[name] = [_NAN] * n + [extras[name]]
-        for column, value in zip(self._columns, values, strict=False):  # length checked above
-            column.append(value)
+        columns = self._columns
+        for k in range(len(columns)):  # by index: compiled, much cheaper than zip's tuples
+            columns[k].append(values[k])
         self._num_open = n + 1
         self._total += 1
         if n + 1 >= self.chunk_rows:

@@ -44,4 +44,22 @@ def pick_min(
 def pick_least_loaded(
     candidates: Sequence[InstanceView], hint: ParallelismType | None
 ) -> InstanceView | None:
-    return pick_min(candidates, load_key, hint)
+    """``pick_min(candidates, load_key, hint)``; without a hint as a plain loop, the same
+    choice without a key tuple per candidate (every dispatch ranks every instance)."""
+    if hint is not None or not candidates:
+        return pick_min(candidates, load_key, hint)
+    best = candidates[0]
+    best_frac = outstanding_frac(best)
+    best_pending, best_kv = best.pending_prefill_tokens, best.kv_cache_usage_frac
+    for k in range(1, len(candidates)):
+        view = candidates[k]
+        frac = outstanding_frac(view)
+        if frac > best_frac:
+            continue
+        pending, kv = view.pending_prefill_tokens, view.kv_cache_usage_frac
+        if frac == best_frac and (
+            pending > best_pending or (pending == best_pending and kv >= best_kv)
+        ):
+            continue  # not smaller: the earliest of equal keys stays, as min() keeps it
+        best, best_frac, best_pending, best_kv = view, frac, pending, kv
+    return best

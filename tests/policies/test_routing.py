@@ -9,9 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cpsim.prefix import prompt_block_hashes
-from cpsim.types import RequestMetadata
+from cpsim.types import ExecutionInstanceType, RequestMetadata
+from cpsim.views import InstanceView
 from policies import ROUTERS, make_router
 from policies.routing.affinity import AffinityRouter
 from policies.routing.load_balanced import LoadBalancedRouter
@@ -20,6 +23,7 @@ from policies.routing.power_of_two import PowerOfTwoRouter
 from policies.routing.prefix_cache_aware import PrefixCacheAwareRouter
 from policies.routing.prefix_index import PrefixIndex
 from policies.routing.random import RandomRouter
+from policies.routing.ranking import load_key, pick_least_loaded
 from policies.routing.scorers import KVUsageScorer, LoadScorer, PendingPrefillScorer, ScoringRouter
 from policies.routing.weighted_round_robin import WeightedRoundRobinRouter
 
@@ -555,3 +559,26 @@ def test_scoring_router_weighs_scorers(make_request: Views, make_instance: Views
         ScoringRouter([(LoadScorer(), -1.0)])
     with pytest.raises(ValueError, match="sum"):
         ScoringRouter([(LoadScorer(), 0.0)])
+
+
+@given(
+    loads=st.lists(
+        st.tuples(
+            st.integers(0, 4), st.integers(0, 4), st.integers(0, 2), st.sampled_from([0.0, 0.5])
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_least_loaded_loop_picks_what_min_over_load_keys_picks(
+    loads: list[tuple[int, int, int, float]],
+) -> None:
+    # small ranges, so that equal keys (and the earliest-wins rule) come up often
+    views = [
+        InstanceView(
+            f"i{k}", "m", ExecutionInstanceType.GENERAL, True, f, p, 4, r, 0, kv,
+            1, 1, 1, 1, 1, "A100-80GB", 80.0, 2.0, None, None,
+        )
+        for k, (f, r, p, kv) in enumerate(loads)
+    ]
+    assert pick_least_loaded(views, None) is min(views, key=load_key)
