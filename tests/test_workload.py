@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -13,7 +14,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cpsim.types import RequestPriority
+from cpsim.types import RequestMetadata, RequestPriority
 from cpsim.workload import (
     FixedLengths,
     GammaArrivals,
@@ -23,12 +24,15 @@ from cpsim.workload import (
     RampArrivals,
     RequestMix,
     SyntheticWorkload,
+    TraceWorkload,
     UniformLengths,
     Workload,
     clip_to_context,
     default_trace_dir,
 )
 from cpsim.workload.arrivals import ArrivalProcess
+from cpsim.workload.emit import emit_batch
+from cpsim.workload.traces import resolve_trace_path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "workload"
 
@@ -320,3 +324,43 @@ def test_every_workload_config_instantiates(path: Path) -> None:
 def test_expected_configs_exist() -> None:
     names = {p.stem for p in CONF_DIR.glob("*.yaml")}
     assert {"poisson_sharegpt", "azure_conv", "mooncake_conv", "gamma_bursty", "tiny"} <= names
+
+
+_SAMPLED = ("request_id", "user_id", "priority", "slo_deadline_ms", "max_tokens", "model_name",
+            "cost_budget", "num_prompt_tokens", "prefix_block_ids")
+
+
+def _checked(meta: RequestMetadata) -> RequestMetadata:
+    """The same request through RequestMetadata's own, checked constructor: what a workload
+    samples given, every other field left to its default."""
+    return RequestMetadata(**{name: getattr(meta, name) for name in _SAMPLED})
+
+
+def test_requests_built_without_the_checks_equal_checked_ones() -> None:
+    mix = RequestMix(
+        priorities={"high": 0.5, "normal": 0.5}, num_users=5, slo_base_ms=100.0,
+        slo_per_output_token_ms=5.0, model_name="m", cost_budget=0.25,
+    )
+    synthetic = SyntheticWorkload(
+        PoissonArrivals(10.0), UniformLengths(0, 50), UniformLengths(1, 50), mix,
+        num_requests=300, batch_size=64,
+    )
+    streams = [synthetic.requests(0), WORKLOADS["ramp"].requests(1)]
+    trace = resolve_trace_path("mooncake_fast25/conversation_trace.jsonl")
+    if trace.is_file():  # prefix blocks from a trace's hash_ids
+        streams.append(TraceWorkload(trace, max_requests=300, max_context_tokens=2048).requests(0))
+    for stream in streams:
+        for _, meta in itertools.islice(stream, 300):
+            checked = _checked(meta)
+            assert meta == checked
+            assert [type(getattr(meta, f.name)) for f in dataclasses.fields(meta)] == [
+                type(getattr(checked, f.name)) for f in dataclasses.fields(checked)
+            ]
+
+
+def test_a_bad_sampled_value_later_in_a_batch_gets_the_checked_error() -> None:
+    lengths = np.array([5, 5, 0])  # the third request would have no output token
+    batch = emit_batch(0, "r", np.array([0.0, 1.0, 2.0]), np.array([3, 3, 3]), lengths,
+                       RequestMix(), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="max_tokens"):
+        list(batch)
