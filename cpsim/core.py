@@ -146,7 +146,7 @@ class ControlPlane:
         inst = self._instances.get(snapshot.instance_id)
         if inst is not None:
             inst.apply(snapshot, now)
-            self.metrics.on_snapshot(snapshot, inst.instance, now)
+            self.metrics.on_snapshot(snapshot, inst.gpu_memory_total_gb, now)
 
     def set_instance_health(self, instance_id: str, healthy: bool) -> None:
         self._instance(instance_id).set_health(healthy)

@@ -38,6 +38,7 @@ class InstanceState:
         "_view",
         "busy_s",
         "cost_share_s",
+        "gpu_memory_total_gb",
         "in_flight",
         "instance",
         "kv_cache_usage_frac",
@@ -74,6 +75,7 @@ class InstanceState:
             i.cost_per_gpu_hour,
         )
         self._cost_per_s = i.cost_per_hour / 3600.0
+        self.gpu_memory_total_gb = i.gpu_memory_gb * i.num_gpus
         self.in_flight: dict[str, RequestState] = {}
         self.pending_prefill_tokens = 0
         self.num_running = 0

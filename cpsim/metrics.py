@@ -193,12 +193,12 @@ class MetricsCollector:
             span[1] = now
             self._instance_spans[f"{instance_id}@{span[0]}"] = self._instance_spans.pop(instance_id)
 
-    def on_snapshot(self, snap: InstanceSnapshot, instance: ExecutionInstance, now: float) -> None:
+    def on_snapshot(self, snap: InstanceSnapshot, gpu_memory_gb: float, now: float) -> None:
+        """A scrape of an instance with ``gpu_memory_gb`` of GPU memory over all its GPUs."""
         if snap.gpu_utilization_frac is not None:
             self._gpu_util[snap.instance_id] = snap.gpu_utilization_frac
         if snap.kv_cache_usage_frac is not None:
-            used = snap.kv_cache_usage_frac * instance.gpu_memory_gb * instance.num_gpus
-            self._gpu_mem_gb[snap.instance_id] = used
+            self._gpu_mem_gb[snap.instance_id] = snap.kv_cache_usage_frac * gpu_memory_gb
 
     def on_arrival(self, now: float) -> None:
         self.num_arrivals += 1

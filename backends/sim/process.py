@@ -24,6 +24,7 @@ _INF = math.inf
 # driver states: no work (or down); stalled; one step or the end of a run in flight; a decode
 # run in flight (a wake-up cuts it short)
 _IDLE, _STALLED, _BUSY, _RUN = "idle", "stalled", "busy", "run"
+_new_snapshot = tuple.__new__
 
 
 class ReplicaProcess:
@@ -137,15 +138,20 @@ class ReplicaProcess:
         if self._step_start_s is not None:
             busy += now - self._step_start_s
         elapsed = now - self._start_s
-        return InstanceSnapshot(
-            instance_id=self.instance_id,
-            time_s=now,
-            num_running=rep.num_running,
-            num_waiting=rep.num_waiting,
-            kv_cache_usage_frac=rep.kv_cache_usage_frac,
-            prefix_cache_hit_rate=rep.prefix_cache_hit_rate,
-            gpu_utilization_frac=min(1.0, busy / elapsed) if elapsed > 0 else 0.0,
-            is_healthy=self.is_up,
+        # One tuple, in InstanceSnapshot's field order (the NamedTuple's keyword __new__ is a
+        # Python function; a simulation takes a snapshot per replica per scrape).
+        return _new_snapshot(
+            InstanceSnapshot,
+            (
+                self.instance_id,
+                now,
+                rep.num_running,
+                rep.num_waiting,
+                rep.kv_cache_usage_frac,
+                rep.prefix_cache_hit_rate,
+                min(1.0, busy / elapsed) if elapsed > 0 else 0.0,
+                self.is_up,
+            ),
         )
 
     @property
