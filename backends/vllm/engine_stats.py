@@ -80,7 +80,7 @@ def stat_logger_class(stats: EngineStats) -> type:
     whose instances write into ``stats``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class SnapshotStatLogger(StatLoggerBase):  # type: ignore[misc]
+    class SnapshotStatLogger(StatLoggerBase):  # type: ignore[misc,unused-ignore]
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             self.engine_index = engine_index
 

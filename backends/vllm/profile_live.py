@@ -79,9 +79,9 @@ def live_step_samples(steps: list[tuple[float, int, int, int, float]], records: 
         if len(items) < min_steps:
             continue
         n = len(items)
-        mean = [round(sum(getattr(b, f) for _, b in items) / n) for f in StepBatch._fields]
+        means = [round(sum(getattr(b, f) for _, b in items) / n) for f in StepBatch._fields]
         samples.append(StepSample("serving_live_mixed" if pre_bin else "serving_live_decode",
-                                  StepBatch(*mean), statistics.fmean(p for p, _ in items), n))
+                                  StepBatch(*means), statistics.fmean(p for p, _ in items), n))
     return samples
 
 
