@@ -311,6 +311,7 @@ class ControlPlane:
         out: list[Dispatch] = []
         if self._handoffs:
             self._dispatch_handoffs(views, now, out)
+            self._fresh_views()  # the policy orders the queue on views after the hand-offs
         if self._queue and self._num_open:
             self._dispatch_queue(views, now, out)
         return out
@@ -334,6 +335,8 @@ class ControlPlane:
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
         for req in list(self._handoffs.values()):
+            if self._stale:  # the instance of the last hand-off placed
+                self._fresh_views()
             cands = self._candidates(req.view, Phase.DECODE, views)
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
@@ -352,6 +355,8 @@ class ControlPlane:
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
+            if self._stale:  # the instance of the last placement: the next one must see it
+                self._fresh_views()
             if self._num_open == 0:
                 break
             req = requests[rview.request_id]
@@ -446,9 +451,7 @@ class ControlPlane:
             req.attempts += 1
         if req.dispatch_s is None:
             req.dispatch_s = now
-        inst.admit(req, now)
-        self._refresh_view(instance_id)  # the next placement of this pass must see it
-        self._stale.discard(instance_id)
+        inst.admit(req, now)  # marks the view stale: rebuilt before the next placement
 
     def _release(self, req: RequestState, now: float) -> None:
         """The request leaves its instance (and the hand-off wait, if it was in it)."""
