@@ -17,46 +17,40 @@ if TYPE_CHECKING:
     from cpsim.instances import InstanceState
     from cpsim.requests import RequestState
 
-#: Columns every record has, in order; backends may add numeric extras after them.
-RECORD_COLUMNS = (
-    "request_id",
-    "user_id",
-    "priority",
-    "status",
-    "reason",
-    "arrival_time_s",
-    "dispatch_time_s",
-    "first_token_time_s",
-    "finish_time_s",
-    "queue_delay_ms",
-    "ttft_ms",
-    "tpot_ms",
-    "latency_ms",
-    "num_prompt_tokens",
-    "num_output_tokens",
-    "instance_id",
-    "prefill_instance_id",
-    "decode_instance_id",
-    "slo_deadline_ms",
-    "slo_met",
-    "cost_usd",
-    "predicted_cost_usd",
-    "policy",
-    "attempts",
-)
+#: Columns every record has, in order, each with how a chunk stores it: "float" and "int" as
+#: numpy arrays of those types (None is NaN), "category" as pandas categories, "object" as
+#: pandas infers (ids, ``slo_met``). Backends may add numeric extras after them.
+_COLUMN_KINDS = {
+    "request_id": "object",
+    "user_id": "category",
+    "priority": "category",
+    "status": "category",
+    "reason": "category",
+    "arrival_time_s": "float",
+    "dispatch_time_s": "float",
+    "first_token_time_s": "float",
+    "finish_time_s": "float",
+    "queue_delay_ms": "float",
+    "ttft_ms": "float",
+    "tpot_ms": "float",
+    "latency_ms": "float",
+    "num_prompt_tokens": "int",
+    "num_output_tokens": "int",
+    "instance_id": "category",
+    "prefill_instance_id": "category",
+    "decode_instance_id": "category",
+    "slo_deadline_ms": "float",
+    "slo_met": "object",
+    "cost_usd": "float",
+    "predicted_cost_usd": "float",
+    "policy": "category",
+    "attempts": "int",
+}
+RECORD_COLUMNS = tuple(_COLUMN_KINDS)
 #: What ``summarize`` reads: a run's summary never needs the rest.
 SUMMARY_COLUMNS = ("status", "latency_ms", "ttft_ms", "tpot_ms", "num_prompt_tokens",
                    "num_output_tokens", "slo_met")
-_CATEGORICAL = (
-    "user_id",
-    "priority",
-    "status",
-    "reason",
-    "instance_id",
-    "prefill_instance_id",
-    "decode_instance_id",
-    "policy",
-)
+_CATEGORICAL = tuple(name for name, kind in _COLUMN_KINDS.items() if kind == "category")
 _NAN = float("nan")
 
 
@@ -66,30 +60,13 @@ def _ms(start: float | None, end: float | None) -> float:
     return 1000.0 * (end - start)
 
 
-_FLOAT = frozenset({
-    "arrival_time_s",
-    "dispatch_time_s",
-    "first_token_time_s",
-    "finish_time_s",
-    "queue_delay_ms",
-    "ttft_ms",
-    "tpot_ms",
-    "latency_ms",
-    "slo_deadline_ms",
-    "cost_usd",
-    "predicted_cost_usd",
-})
-_INT = frozenset({"num_prompt_tokens", "num_output_tokens", "attempts"})
-
-
-def _column(name: str, values: list[Any]) -> Any:
-    """One chunk's column, typed by name: floats (None is NaN) and ints as numpy arrays,
-    the categorical ones as categories; the rest (ids, ``slo_met``) as pandas infers."""
-    if name in _FLOAT:
+def _column(kind: str, values: list[Any]) -> Any:
+    """One chunk's column of ``kind`` (see ``_COLUMN_KINDS``)."""
+    if kind == "float":
         return np.array(values, dtype=np.float64)
-    if name in _INT:
+    if kind == "int":
         return np.array(values, dtype=np.int64)
-    if name in _CATEGORICAL:
+    if kind == "category":
         return pd.Categorical(values)
     return values
 
@@ -137,8 +114,8 @@ class RecordStore:
         if not self._num_open:
             return
         data: dict[str, Any] = {
-            name: _column(name, values)
-            for name, values in zip(RECORD_COLUMNS, self._columns, strict=True)
+            name: _column(kind, values)
+            for (name, kind), values in zip(_COLUMN_KINDS.items(), self._columns, strict=True)
         }
         for name, col in self._extras.items():
             data[name] = np.array(col, dtype=np.float64)
