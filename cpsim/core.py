@@ -335,8 +335,7 @@ class ControlPlane:
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
         for req in list(self._handoffs.values()):
-            if self._stale:  # the instance of the last hand-off placed
-                self._fresh_views()
+            self._fresh_views()  # the instance of the last hand-off placed
             cands = self._candidates(req.view, Phase.DECODE, views)
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
@@ -355,8 +354,7 @@ class ControlPlane:
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
-            if self._stale:  # the instance of the last placement: the next one must see it
-                self._fresh_views()
+            self._fresh_views()  # the instance of the last placement: the next one must see it
             if self._num_open == 0:
                 break
             req = requests[rview.request_id]
