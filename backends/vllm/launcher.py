@@ -102,19 +102,24 @@ class LaunchedEngine:
         with contextlib.suppress(ProcessLookupError, AssertionError):
             os.killpg(self.pid, sig)
 
+    def wait_gone(self, timeout_s: float) -> list[int]:
+        """Wait up to ``timeout_s`` for the group to exit; return what is still alive.
+
+        A signal is delivered at once but a process takes a while to exit: one that has
+        mapped gigabytes of KV cache spends seconds unmapping it after a SIGKILL."""
+        deadline = time.monotonic() + timeout_s
+        while (alive := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return alive
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the group, SIGKILL to whatever is left after ``grace_s``."""
         if self.process is None:
             return
         self.kill(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.processes():
+        if self.wait_gone(grace_s):
             self.kill(signal.SIGKILL)
-            deadline = time.monotonic() + 5.0
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            self.wait_gone(5.0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1.0)
 
