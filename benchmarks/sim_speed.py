@@ -147,13 +147,12 @@ def run_one(
 
 def build_kind() -> str:
     """``python``, ``mypyc`` (all of ``cpsim.compiled.MODULES`` compiled) or ``partial``."""
-    from cpsim.compiled import MODULES, compiled_modules, stale_modules
+    from cpsim.compiled import build_in_use, stale_modules
 
     stale = stale_modules()
     if stale:
         raise RuntimeError(f"stale compiled modules {stale}: rebuild before measuring")
-    compiled = len(compiled_modules())
-    return "python" if compiled == 0 else "mypyc" if compiled == len(MODULES) else "partial"
+    return build_in_use()
 
 
 def calibrate_capacity_rps(num_requests: int = 3000, seed: int = 0) -> float:

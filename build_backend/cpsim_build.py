@@ -1,5 +1,6 @@
-"""setuptools' build backend, plus mypy in the build environment when ``CPSIM_MYPYC=1`` asks
-for the compiled build (``setup.py``). Without it the build needs only setuptools."""
+"""setuptools' build backend, plus mypy in the build environment for the compiled build
+(``setup.py``), which is tried unless ``CPSIM_MYPYC=0``. With ``0`` the build needs only
+setuptools."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ _MYPYC = ["mypy>=1.10"]
 
 
 def _compiled() -> bool:
-    return os.environ.get("CPSIM_MYPYC", "0") == "1"
+    return os.environ.get("CPSIM_MYPYC", "auto") != "0"
 
 
-# setuptools finds build requirements by running setup.py, which with CPSIM_MYPYC=1 needs mypyc
-# already: ask for mypy instead (the project declares no other setup-time requirements).
+# setuptools finds build requirements by running setup.py, which for the compiled build needs
+# mypyc already: ask for mypy instead (the project declares no other setup-time requirements).
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
     if _compiled():
         return list(_MYPYC)

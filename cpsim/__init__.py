@@ -1,6 +1,9 @@
 """cpsim: a simulation-first framework for LLM-serving control planes."""
 
-from cpsim.compiled import warn_if_stale
+from cpsim.compiled import use_source_if_stale
+
+use_source_if_stale()  # before any compiled module loads: an edited build runs from source
+
 from cpsim.core import Abort, Admission, ControlPlane, ControlPlaneConfig, Dispatch
 from cpsim.latency import LatencyEstimate, LatencyModel, ObservedLatencyModel, StepBatch
 from cpsim.metrics import MetricsCollector
@@ -19,8 +22,6 @@ from cpsim.types import (
     RequestStatus,
 )
 from cpsim.views import InstanceSnapshot, InstanceView, Phase, RequestView
-
-warn_if_stale()  # a compiled build whose sources were edited since runs the old code
 
 __all__ = [
     "Abort",

@@ -1,25 +1,33 @@
-"""The optional compiled build of the simulator's hot path (mypyc), and a check that it is current.
+"""The compiled build of the simulator's hot path (mypyc), and what happens when it is stale.
 
-``CPSIM_MYPYC=1 pip install -e .`` compiles the modules in ``MODULES`` with mypyc: the same
-source, type-checked and translated to C, about twice as fast (``benchmarks/README.md``). A plain
-install is pure Python and behaves identically (the simulator's results are bit for bit the same).
+``pip install -e .`` compiles the modules in ``MODULES`` with mypyc when it can (a C compiler
+is found): the same source, type-checked and translated to C, about twice as fast
+(``benchmarks/README.md``). Where it cannot, the install goes on as pure Python, which behaves
+identically (the simulator's results are bit for bit the same). ``CPSIM_MYPYC=1`` makes the
+compiled build required (a failure stops the install); ``CPSIM_MYPYC=0`` builds pure Python and
+removes an earlier build's compiled files.
 
-A compiled module shadows its ``.py`` file, so an edit to the source has no effect until it is
-rebuilt. The build records a hash of each source it compiled; ``stale_modules()`` lists the
-compiled modules whose source changed since, and importing cpsim warns about them.
-The ``cpsim-compiled`` command says which build is in use; ``--clean`` removes the compiled files
-(a plain ``pip install -e .`` does not: they are build outputs in the source tree). Policies and
-routers other than the ranking helpers stay interpreted, so new ones need no build.
+A compiled module would shadow its ``.py`` file, so an edit to the source would have no effect.
+The build records a hash of each source it compiled; when a source differs from its record,
+importing cpsim runs all of ``MODULES`` from source instead (``use_source_if_stale``: all, since
+compiled modules call each other's compiled code directly), with a warning that names the
+edited modules, until the next install compiles them again. The ``cpsim-compiled`` command says
+which build is in use; ``--clean`` removes the compiled files. Policies and routers other than
+the ranking helpers stay interpreted, so new ones need no build.
 This module uses only the standard library: ``setup.py`` reads ``MODULES`` from it."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 ENV_VAR = "CPSIM_MYPYC"
 MANIFEST = "_compiled_sources.json"  # written next to this file by the compiled build
@@ -88,16 +96,84 @@ def stale_modules(manifest: Path | None = None) -> list[str]:
     return stale
 
 
-def warn_if_stale() -> None:
-    stale = stale_modules()
-    if stale:
+class SourceFirst(importlib.abc.MetaPathFinder):
+    """Imports the given modules from their ``.py`` files, ahead of any compiled extension
+    beside them (the path finder would pick the extension)."""
+
+    def __init__(self, sources: dict[str, Path]) -> None:
+        self.sources = sources
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        source = self.sources.get(fullname)
+        if source is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source)
+
+
+_bypassed: list[str] = []  # the stale modules that made this process run MODULES from source
+
+
+def use_source_if_stale(manifest: Path | None = None) -> list[str]:
+    """When a compiled module's source was edited since the build, import every module of
+    ``MODULES`` from source, and warn; returns the stale modules. Called first thing by
+    ``cpsim/__init__.py`` (``backends`` and ``policies`` import cpsim first), so no module of
+    the build is loaded yet."""
+    stale = stale_modules(manifest)
+    if not stale or _bypassed:
+        return stale
+    loaded = [module for module in MODULES if module in sys.modules]
+    if loaded:  # too late to bypass: the compiled code runs
         warnings.warn(
-            f"compiled modules older than their source: {', '.join(stale)}; the compiled code "
-            f"runs, not your edits. Rebuild with `{ENV_VAR}=1 pip install -e .`, or go back "
-            f"to pure Python with `cpsim-compiled --clean`",
+            f"compiled modules older than their source: {', '.join(stale)}; {loaded[0]} was "
+            f"imported before cpsim, so the compiled code runs, not your edits. Reinstall "
+            f"(`pip install -e .`) to compile them again",
             RuntimeWarning,
             stacklevel=2,
         )
+        return stale
+    sys.meta_path.insert(0, SourceFirst({module: _paths(module)[0] for module in MODULES}))
+    _bypassed.extend(stale)
+    warnings.warn(
+        f"compiled modules older than their source: {', '.join(stale)}; all {len(MODULES)} "
+        f"modules of the compiled build run from source, so your edits take effect, at about "
+        f"half the speed. Reinstall (`pip install -e .`) to compile them again, or "
+        f"`cpsim-compiled --clean` to stay with pure Python",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return stale
+
+
+def build_in_use() -> str:
+    """``mypyc`` (every module of ``MODULES`` compiled and current), ``python`` (none
+    compiled), ``python (stale build bypassed)`` or ``partial`` (some compiled: a broken
+    build)."""
+    if _bypassed:
+        return "python (stale build bypassed)"
+    compiled = len(compiled_modules())
+    return "python" if compiled == 0 else "mypyc" if compiled == len(MODULES) else "partial"
+
+
+def _extension_files(project: Path) -> list[tuple[Path, str]]:
+    """Each compiled module's extension under ``project``'s top-level packages, with the
+    module it would import as (the shared library aside)."""
+    tops = sorted({module.partition(".")[0] for module in MODULES})
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    found = []
+    for top in tops:
+        root = project / top
+        for path in sorted(root.rglob("*")):
+            if not path.name.endswith(suffixes) or "__mypyc" in path.name:
+                continue  # not an extension, or the shared library itself
+            stem = path.name.partition(".")[0]  # core.cpython-311-x86_64-linux-gnu.so: core
+            found.append((path, ".".join([*path.parent.relative_to(project).parts, stem])))
+    return found
+
+
+def _project() -> Path:
+    return _package_dir("cpsim").parent
 
 
 def orphan_extensions(project: Path | None = None) -> list[Path]:
@@ -105,28 +181,18 @@ def orphan_extensions(project: Path | None = None) -> list[Path]:
     would shadow its ``.py`` file with a module the shared library no longer has, and the
     import fails. The build deletes them; so does ``clean``. ``project``: the folder of the
     top-level packages (by default found by import)."""
-    tops = sorted({module.partition(".")[0] for module in MODULES})
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    found = []
-    for top in tops:
-        root = project / top if project is not None else _package_dir(top)
-        for path in sorted(root.rglob("*")):
-            if not path.name.endswith(suffixes) or "__mypyc" in path.name:
-                continue  # not an extension, or the shared library itself
-            stem = path.name.partition(".")[0]  # core.cpython-311-x86_64-linux-gnu.so: core
-            module = ".".join([*path.parent.relative_to(root.parent).parts, stem])
-            if module not in MODULES:
-                found.append(path)
-    return found
+    return [
+        path for path, module in _extension_files(project or _project()) if module not in MODULES
+    ]
 
 
-def clean(here: Path | None = None) -> list[Path]:
+def clean(project: Path | None = None) -> list[Path]:
     """Delete the compiled build's files from the source tree (an editable install's build):
-    the modules' extensions (of this build or an earlier one), the shared library and the
-    manifest (both in ``here``: by default the folder of this file)."""
-    here = here or Path(__file__).parent
-    files = [ext for module in MODULES for ext in _paths(module)[1]]
-    files += orphan_extensions(here.parent)
+    every module extension (of this build or an earlier one), the shared library and the
+    manifest. ``project``: the folder of the top-level packages (by default found by import)."""
+    project = project or _project()
+    here = project / "cpsim"
+    files = [path for path, _ in _extension_files(project)]
     files += [p for s in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"*__mypyc{s}")]
     files += [p for p in [here / MANIFEST] if p.exists()]
     for path in files:
@@ -149,5 +215,5 @@ def main(argv: list[str] | None = None) -> None:
     compiled, stale = compiled_modules(), stale_modules()
     print(
         f"compiled: {len(compiled)} of {len(MODULES)} modules"
-        + (f"; stale: {stale}" if stale else "")
+        + (f"; stale, so all run from source: {stale}" if stale else "")
     )
