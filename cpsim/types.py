@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from cpsim.validation import check_choice, check_non_negative, check_positive, check_range
 
@@ -70,6 +70,10 @@ def coerce_enum(cls: type[E], value: Any, field_name: str) -> E:
     raise ValueError(f"{field_name}={value!r} is not one of: {allowed}")
 
 
+#: Tokens per id of ``RequestMetadata.prefix_block_ids`` unless a request says otherwise.
+DEFAULT_PREFIX_BLOCK_SIZE_TOKENS: Final = 512
+
+
 @dataclass(frozen=True, slots=True)
 class RequestMetadata:
     """What an application submits. ``num_prompt_tokens`` is derived from the token ids,
@@ -92,7 +96,7 @@ class RequestMetadata:
     prompt_token_ids: tuple[int, ...] | None = None
     num_prompt_tokens: int | None = None
     prefix_block_ids: tuple[int, ...] | None = None
-    prefix_block_size_tokens: int = 512
+    prefix_block_size_tokens: int = DEFAULT_PREFIX_BLOCK_SIZE_TOKENS
 
     def __post_init__(self) -> None:
         # Fast paths first: workloads build millions of these, almost always well-formed.
@@ -115,7 +119,7 @@ class RequestMetadata:
             setattr_(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         if self.prefix_block_ids is not None and type(self.prefix_block_ids) is not tuple:
             setattr_(self, "prefix_block_ids", tuple(self.prefix_block_ids))
-        if self.prefix_block_size_tokens != 512:
+        if self.prefix_block_size_tokens != DEFAULT_PREFIX_BLOCK_SIZE_TOKENS:
             check_positive("prefix_block_size_tokens", self.prefix_block_size_tokens, integer=True)
         given = self.num_prompt_tokens
         if type(given) is int and given >= 0 and self.prompt_token_ids is None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cpsim.types import RequestMetadata, RequestPriority
+from cpsim.types import DEFAULT_PREFIX_BLOCK_SIZE_TOKENS, RequestMetadata, RequestPriority
 from cpsim.workload.arrivals import FloatArray
 from cpsim.workload.mix import RequestMix
 from cpsim.workload.traces import IntArray
@@ -49,7 +49,7 @@ def _request(
     _set(meta, "prompt_token_ids", None)
     _set(meta, "num_prompt_tokens", num_prompt_tokens)
     _set(meta, "prefix_block_ids", prefix_block_ids)
-    _set(meta, "prefix_block_size_tokens", 512)
+    _set(meta, "prefix_block_size_tokens", DEFAULT_PREFIX_BLOCK_SIZE_TOKENS)
     return meta
 
 
