@@ -354,9 +354,9 @@ class ControlPlane:
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
-            self._fresh_views()  # the instance of the last placement: the next one must see it
             if self._num_open == 0:
                 break
+            self._fresh_views()  # the instance of the last placement: the next one must see it
             req = requests[rview.request_id]
             phase = self._phase_for(rview, views, now)
             cands = self._candidates(rview, phase, views)
