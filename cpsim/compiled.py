@@ -147,9 +147,9 @@ def use_source_if_stale(manifest: Path | None = None) -> list[str]:
 
 
 def build_in_use() -> str:
-    """``mypyc`` (every module of ``MODULES`` compiled and current), ``python`` (none
-    compiled), ``python (stale build bypassed)`` or ``partial`` (some compiled: a broken
-    build)."""
+    """What runs: ``mypyc`` (every module of ``MODULES`` compiled; stale only if imported
+    before cpsim, which warns), ``python`` (none compiled), ``python (stale build bypassed)``
+    or ``partial`` (some compiled: a broken build)."""
     if _bypassed:
         return "python (stale build bypassed)"
     compiled = len(compiled_modules())

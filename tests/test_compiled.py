@@ -14,7 +14,7 @@ import pytest
 import cpsim.compiled as compiled
 
 
-def test_the_build_in_use_is_whole_and_current() -> None:
+def test_the_build_in_use_is_whole_and_an_edited_one_runs_from_source() -> None:
     # CI runs the suite twice: pure Python, then compiled (.ci/run). Both must hold this.
     assert compiled.compiled_modules() in ([], list(compiled.MODULES))
     # an edited build runs from source (the tests then test the edits, not the build)
