@@ -14,6 +14,7 @@ __all__ = [
     "ObservedLatencyModel",
     "StepBatch",
     "StepLatencyModel",
+    "request_path_s",
 ]
 
 
@@ -43,6 +44,13 @@ class StepLatencyModel(Protocol):
     """Prices one engine step. Implementations are per (model, hardware, tp, pp)."""
 
     def step_time_s(self, batch: StepBatch) -> float: ...
+
+
+def request_path_s(model: object) -> tuple[float, float]:
+    """(ingress_s, egress_s) of a step-pricing model: the serving path of each request into
+    the engine core and of its outputs back (``ProfiledLatencyModel``); (0, 0) for models
+    that price steps only."""
+    return float(getattr(model, "ingress_s", 0.0)), float(getattr(model, "egress_s", 0.0))
 
 
 class ObservedLatencyModel:

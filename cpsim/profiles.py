@@ -14,7 +14,7 @@ import yaml
 from cpsim.datafiles import PROFILE_DIR
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.protocols import LatencyEstimate
-from cpsim.validation import check_positive
+from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceView, RequestView
 
 #: The terms of the linear model, in seconds per unit of the named feature.
@@ -91,7 +91,14 @@ class ProfiledLatencyModel:
     ``1 + frac``: on a CPU the serving processes take CPU time from the model's core in
     proportion to its step. ``mixed_*`` terms price decodes that share a step with prefill
     tokens, where a CPU attention kernel handles them with the prefill's query tiles.
-    Prices a step (StepLatencyModel) and predicts a request (LatencyModel)."""
+    Prices a step (StepLatencyModel) and predicts a request (LatencyModel).
+
+    ``ingress_s`` and ``egress_s`` are per request, not per step: the serving path from the
+    control plane into the engine core's scheduler (input processing, IPC; the engine core
+    takes a request in only between steps, which the replica models on its own) and from
+    the engine core's output back to the control plane. The simulated replica delays a
+    request's admission by the first and every report to the control plane by the second
+    (0 in engine-only profiles)."""
 
     def __init__(
         self,
@@ -106,8 +113,14 @@ class ProfiledLatencyModel:
         large_batch_min_decode_seqs: int | None = None,
         max_num_batched_tokens: int = 8192,
         provenance: Mapping[str, Any] | None = None,
+        ingress_s: float = 0.0,
+        egress_s: float = 0.0,
     ) -> None:
         check_positive("tensor_parallel_size", tensor_parallel_size, integer=True)
+        for name, value in (("ingress_s", ingress_s), ("egress_s", egress_s)):
+            check_non_negative(name, value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number of seconds")
         check_positive("pipeline_parallel_size", pipeline_parallel_size, integer=True)
         check_positive("max_num_batched_tokens", max_num_batched_tokens, integer=True)
         if (large_batch_coefficients is None) != (large_batch_min_decode_seqs is None):
@@ -131,6 +144,8 @@ class ProfiledLatencyModel:
         )
         self.large_batch_min_decode_seqs = large_batch_min_decode_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.ingress_s = float(ingress_s)
+        self.egress_s = float(egress_s)
         self.provenance = dict(provenance or {})
         self._small = tuple(self.coefficients[t] for t in TERMS)
         self._large = (
@@ -202,7 +217,11 @@ class ProfiledLatencyModel:
         return first, per_token * context_increment_tokens
 
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
-        return predict_from_steps(self, request, instance, self.max_num_batched_tokens)
+        estimate = predict_from_steps(self, request, instance, self.max_num_batched_tokens)
+        path_s = self.ingress_s + self.egress_s
+        if path_s:
+            return LatencyEstimate(ttft_s=estimate.ttft_s + path_s, tpot_s=estimate.tpot_s)
+        return estimate
 
     def to_dict(self) -> dict[str, Any]:
         """The profile file's keys (equal to the constructor's arguments)."""
@@ -220,6 +239,9 @@ class ProfiledLatencyModel:
         if self.large_batch_coefficients is not None:
             data["large_batch_coefficients"] = dict(self.large_batch_coefficients)
             data["large_batch_min_decode_seqs"] = self.large_batch_min_decode_seqs
+        if self.ingress_s or self.egress_s:
+            data["ingress_s"] = self.ingress_s
+            data["egress_s"] = self.egress_s
         data["provenance"] = dict(self.provenance)
         return data
 

@@ -81,6 +81,7 @@ def test_new_terms_default_to_zero_in_published_profiles(name: str) -> None:
            "serving_prefill_seq_s")
     for term in new:
         assert model.coefficients[term] == 0.0
+    assert model.ingress_s == model.egress_s == 0.0
     for batch in BATCHES:
         terms = model._terms(batch.num_decode_seqs)
         old = dict(zip(TERMS, terms, strict=True))
@@ -208,3 +209,50 @@ def test_in_process_engine_gets_the_served_workers_threads(
 
     got = worker_thread_env(env, num_cpus)
     assert {k: v for k, v in got.items() if k != "OMP_PROC_BIND"} == expected
+
+
+def test_serving_path_round_trips_and_adds_to_predicted_ttft(tmp_path: Path) -> None:
+    from cpsim.latency import request_path_s
+    from cpsim.profiles import save_profile
+    from tests.sim.test_latency_models import instance_view, request_view
+
+    model = ProfiledLatencyModel("m", "h", ENGINE | SERVING, ingress_s=0.0012, egress_s=0.002)
+    back = load_profile(save_profile(model, tmp_path / "p.yaml"))
+    assert (back.ingress_s, back.egress_s) == (0.0012, 0.002) == request_path_s(back)
+    assert request_path_s(object()) == (0.0, 0.0)
+    plain = ProfiledLatencyModel("m", "h", ENGINE | SERVING)
+    assert "ingress_s" not in plain.to_dict()  # engine-only files stay as they were
+    request, instance = request_view(300, 20), instance_view(num_running=4)
+    with_path, without = model.predict(request, instance), plain.predict(request, instance)
+    assert with_path.ttft_s == pytest.approx(without.ttft_s + 0.0032)
+    assert with_path.tpot_s == without.tpot_s
+
+
+@pytest.mark.parametrize(("key", "value"), [("ingress_s", -0.001), ("egress_s", float("inf")),
+                                            ("egress_s", "2ms")])
+def test_a_bad_serving_path_names_the_field(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=key):
+        ProfiledLatencyModel("m", "h", ENGINE, **{key: value})  # type: ignore[arg-type]
+
+
+def test_path_samples_take_ingress_only_from_requests_that_found_the_engine_idle() -> None:
+    import pandas as pd
+
+    from backends.vllm.profile_path import EGRESS, INGRESS, fit_path, path_samples
+
+    records = pd.DataFrame({  # a alone; b arrives while a runs; c alone again
+        "arrival_time_s": [0.0, 0.05, 1.0],
+        "finish_time_s": [0.5, 0.6, 1.2],
+        "engine_queued_s": [0.002, 0.061, 1.003],
+        "engine_first_token_s": [0.020, 0.080, 1.030],
+        "first_token_time_s": [0.0215, 0.0820, 1.0325],
+    }, index=["a", "b", "c"])
+    samples = path_samples(records)
+    ingress = [s.time_s for s in samples if s.kind == INGRESS]
+    egress = [s.time_s for s in samples if s.kind == EGRESS]
+    assert ingress == pytest.approx([0.002, 0.003])  # not b's 11 ms (the step in flight)
+    assert egress == pytest.approx([0.0015, 0.002, 0.0025])
+    ingress_s, egress_s, report = fit_path(samples)
+    assert (ingress_s, egress_s) == pytest.approx((0.0025, 0.002))
+    assert report[INGRESS]["num_samples"] == 2 and report[EGRESS]["median_ms"] == 2.0
+    assert fit_path([]) == (0.0, 0.0, {})

@@ -16,6 +16,7 @@ from backends.sim.request import SimRequest
 from backends.sim.step import StepOutcome, StepPlan
 from backends.sim.wakeup import WakeUp, call_later
 from cpsim.backend import EngineEvents
+from cpsim.latency import request_path_s
 from cpsim.validation import check_choice
 from cpsim.views import InstanceSnapshot, Phase
 
@@ -42,7 +43,12 @@ class ReplicaProcess:
     ``token_reports="finish"`` reports the first token at its exact time and then only
     ``on_finish``, which carries the output token count (cheap: no per-step calls);
     ``"step"`` also reports ``on_tokens`` after every step or run. ``use_decode_runs=False``
-    runs every step on its own (slower; the same results, for tests)."""
+    runs every step on its own (slower; the same results, for tests).
+
+    The latency model's serving path (``cpsim.latency.request_path_s``) delays a submitted
+    request's admission by ``ingress_s`` and every report to ``events`` by ``egress_s``, as
+    a real engine core takes requests in and sends outputs out through its frontend; with
+    both 0 (engine-only profiles) nothing is delayed and no event is added."""
 
     def __init__(
         self,
@@ -79,6 +85,8 @@ class ReplicaProcess:
         self._run_times: np.ndarray | None = None
         self._in_run = False
         self._deferred_aborts: list[str] = []
+        self._ingress_s, self._egress_s = request_path_s(replica.latency)
+        self._arriving: dict[str, SimRequest] = {}  # submitted, still on the ingress path
 
     # ------------------------------------------------------------------ inputs
     def submit(self, req: SimRequest, phase: Phase) -> None:
@@ -96,8 +104,21 @@ class ReplicaProcess:
             return
         if req.arrival_time_s == 0.0:
             req.arrival_time_s = float(now)
-        self.replica.add_request(req)
         self._phases[req.request_id] = phase
+        if self._ingress_s > 0.0:
+            self._arriving[req.request_id] = req
+            call_later(self.env, self._ingress_s, lambda _event: self._admit(req))
+            return
+        self.replica.add_request(req)
+        self._poke()
+
+    def _admit(self, req: SimRequest) -> None:
+        """The end of the ingress path: the engine takes the request in, unless it was
+        aborted or lost in a crash meanwhile."""
+        if self._arriving.get(req.request_id) is not req:
+            return
+        del self._arriving[req.request_id]
+        self.replica.add_request(req)
         self._poke()
 
     def _cannot_serve(self, req: SimRequest) -> str | None:
@@ -119,6 +140,8 @@ class ReplicaProcess:
         """Stop a request; nothing more is reported for it. False if the replica lacks it."""
         if self._phases.pop(request_id, None) is None:
             return False
+        if self._arriving.pop(request_id, None) is not None:  # not in the engine yet
+            return True
         if self._in_run:  # a decode run in flight: the abort applies when it stops
             self._deferred_aborts.append(request_id)
         else:
@@ -314,11 +337,31 @@ class ReplicaProcess:
 
     # ------------------------------------------------------------------ reports
     def _report(self, outcome: StepOutcome, now: float) -> None:
-        iid, events, phases = self.instance_id, self.events, self._phases
+        """Tell ``events`` what a step or run produced: at once, or after the egress path
+        (not at all if the replica crashed meanwhile: the crash's report covers it)."""
+        replica = self.replica
         for rid in outcome.first_token_ids:
-            req = self.replica.get(rid)
+            req = replica.get(rid)
             if req is not None:
                 req.first_token_time_s = now
+        for req in outcome.finished:
+            req.finish_time_s = now
+            if req.first_token_time_s is None:
+                req.first_token_time_s = now
+        if self._egress_s <= 0.0:
+            self._deliver(outcome, now)
+        elif outcome.first_token_ids or outcome.finished or self.token_reports == "step":
+            crashes = self.num_crashes
+
+            def deliver(_event: WakeUp) -> None:
+                if self.num_crashes == crashes:
+                    self._deliver(outcome, self.env.now)
+
+            call_later(self.env, self._egress_s, deliver)
+
+    def _deliver(self, outcome: StepOutcome, now: float) -> None:
+        iid, events, phases = self.instance_id, self.events, self._phases
+        for rid in outcome.first_token_ids:
             phase = phases.get(rid)
             if phase is not None and phase is not Phase.PREFILL:
                 events.on_first_token(rid, iid, now)
@@ -334,9 +377,6 @@ class ReplicaProcess:
 
     def _report_finish(self, req: SimRequest, now: float) -> None:
         rid, iid = req.request_id, self.instance_id
-        req.finish_time_s = now
-        if req.first_token_time_s is None:
-            req.first_token_time_s = now
         phase = self._phases.pop(rid)
         if phase is Phase.PREFILL:
             self.events.on_prefill_done(rid, iid, now)
@@ -382,6 +422,7 @@ class ReplicaProcess:
         self.num_crashes += 1
         self.replica.clear()
         self._phases.clear()
+        self._arriving.clear()
         self._in_run = False
         self._deferred_aborts.clear()
         self._state = _IDLE

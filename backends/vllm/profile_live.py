@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from backends.vllm.profile_measure import ProfileGrid
+from backends.vllm.profile_path import PATH_COLUMNS, PathRecorder
 from cpsim.latency import StepBatch
 from cpsim.profile_fit import StepSample
 from cpsim.workload import PoissonArrivals, SyntheticWorkload, TraceSampledLengths
@@ -104,9 +105,10 @@ class LiveRun:
         return live_step_samples(self.steps, self.records, self.offset_s)
 
     def to_dict(self) -> dict[str, Any]:
+        columns = [c for c in (*RECORD_COLUMNS, *PATH_COLUMNS) if c in self.records]
         return {"rate_rps": self.rate_rps, "offset_s": self.offset_s,
                 "steps": [list(s) for s in self.steps],
-                "records": {c: self.records[c].astype(float).tolist() for c in RECORD_COLUMNS}}
+                "records": {c: self.records[c].astype(float).tolist() for c in columns}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LiveRun:
@@ -115,11 +117,12 @@ class LiveRun:
                    float(data["offset_s"]))
 
 
-async def measure_live(manager: Any, recorder: StepRecorder, grid: ProfileGrid, rate_rps: float
-                       ) -> LiveRun:
+async def measure_live(manager: Any, recorder: StepRecorder, grid: ProfileGrid, rate_rps: float,
+                       path: PathRecorder | None = None) -> LiveRun:
     """Poisson arrivals (``rate_rps``, seed ``live_seed``, ShareGPT lengths) through the
     live stack; its steps and request records (``LiveRun.samples``: the served step
-    periods by step shape)."""
+    periods by step shape), with the engine core's times of each request (PATH_COLUMNS)
+    when ``path`` records them."""
     workload = SyntheticWorkload(PoissonArrivals(rate_rps),
                                  lengths=TraceSampledLengths(*LIVE_TRACE),
                                  num_requests=grid.live_num_requests, max_context_tokens=2048,
@@ -134,14 +137,20 @@ async def measure_live(manager: Any, recorder: StepRecorder, grid: ProfileGrid, 
         if delay > 0:
             await asyncio.sleep(delay)
         submitted = submitted or time.monotonic()
-        await manager.submit_request(meta)
+        if path is None:
+            await manager.submit_request(meta)
+        else:
+            await path.submit(manager, meta)
     ids = [m.request_id for _, m in requests]
     for rid in ids:
         await manager.wait_for_request(rid, 1800.0)
     rec = manager.get_request_records().set_index("request_id").loc[ids]
     offset = submitted - float(rec["arrival_time_s"].iloc[0])
-    run = LiveRun(rate_rps, list(recorder.steps), rec[list(RECORD_COLUMNS)].reset_index(drop=True),
-                  offset)
+    columns = list(RECORD_COLUMNS)
+    if path is not None:
+        rec = path.with_engine_times(rec, path.offset_s(rec))
+        columns += PATH_COLUMNS
+    run = LiveRun(rate_rps, list(recorder.steps), rec[columns].reset_index(drop=True), offset)
     print(f"  live calibration at {rate_rps:g} req/s: {len(recorder.steps)} steps, "
           f"{len(run.samples())} step shapes "
           f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from backends.vllm.profile_live import LiveRun, StepRecorder, measure_live
 from backends.vllm.profile_measure import ProfileGrid
+from backends.vllm.profile_path import PathRecorder, engine_ttft_s, path_samples
 from cpsim.latency import StepBatch
 from cpsim.profile_fit import StepSample
 from cpsim.types import ExecutionInstance, RequestMetadata
@@ -27,17 +30,22 @@ async def _serving(engine_args: dict[str, Any], grid: ProfileGrid, live_runs: li
     await manager.start()
     await manager.register_instance(ExecutionInstance("profiled", max_concurrent_requests=1 << 20))
     recorder = StepRecorder(backend.local_engine("profiled").stats)
+    path = PathRecorder(backend.local_engine("profiled"))
+    path_records: list[pd.DataFrame] = []
     counter = iter(range(1 << 30))
 
-    async def run(count: int, prompt: int, out: int) -> tuple[list[float], list[float]]:
-        """TPOTs (last to get its first token first) and TTFTs of ``count`` requests."""
-        ids = [await manager.submit_request(RequestMetadata(
+    async def run(count: int, prompt: int, out: int
+                  ) -> tuple[list[float], list[float], pd.DataFrame]:
+        """TPOTs (last to get its first token first), the engine core's own TTFTs
+        (profile_path.engine_ttft_s) and the records of ``count`` requests."""
+        ids = [await path.submit(manager, RequestMetadata(
             f"s{next(counter)}", max_tokens=out, num_prompt_tokens=prompt)) for _ in range(count)]
         for rid in ids:
             await manager.wait_for_request(rid, 600.0)
         rec = manager.get_request_records().set_index("request_id").loc[ids]
-        rec = rec.sort_values("first_token_time_s", ascending=False)
-        return list(rec["tpot_ms"] / 1e3), list(rec["ttft_ms"] / 1e3)
+        rec = path.with_engine_times(rec, path.offset_s(rec))
+        ordered = rec.sort_values("first_token_time_s", ascending=False)
+        return list(ordered["tpot_ms"] / 1e3), engine_ttft_s(ordered), rec
 
     # The engine core and worker are other processes here, so foreign CPU cannot be told
     # apart from ours: each point is the median of ``repeats`` runs (the load is recorded).
@@ -67,19 +75,24 @@ async def _serving(engine_args: dict[str, Any], grid: ProfileGrid, live_runs: li
               file=sys.stderr, flush=True)
     async def lone_ttft(length: int) -> float:
         await asyncio.sleep(grid.serving_idle_gap_s)  # arrivals find the engine idle
-        return (await run(1, length, 1))[1][0]
+        _, ttfts, rec = await run(1, length, 1)
+        path_records.append(rec)  # the serving path is sampled on lone prompts and live runs,
+        return ttfts[0]  # whose traffic is like served traffic, not on lockstep batches
 
     for length in grid.serving_ttft_prompts_tokens:
         ttfts = [await lone_ttft(length) for _ in range(grid.repeats)]
         samples.append(StepSample("serving_ttft", StepBatch(length, length * length, 0, 1),
                                   statistics.median(ttfts), len(ttfts)))
-        print(f"  serving TTFT of a lone {length}-token prompt: {samples[-1].time_s * 1e3:.2f} ms",
-              file=sys.stderr, flush=True)
+        print(f"  engine-core TTFT of a lone {length}-token prompt: "
+              f"{samples[-1].time_s * 1e3:.2f} ms", file=sys.stderr, flush=True)
     for rate in grid.live_rates_rps if grid.live_num_requests else ():
-        live = await measure_live(manager, recorder, grid, rate)
+        live = await measure_live(manager, recorder, grid, rate, path)
         live_runs.append(live)
         samples += live.samples()
+        path_records.append(live.records)
     await manager.stop()
+    for rec in path_records:
+        samples += path_samples(rec)
     return samples
 
 

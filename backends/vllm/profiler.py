@@ -41,6 +41,7 @@ from backends.vllm.profile_measure import (
     wait_for_quiet,
     worker_thread_env,
 )
+from backends.vllm.profile_path import PATH_KIND, fit_path
 from backends.vllm.profile_serving import measure_serving
 from cpsim.latency import StepBatch
 from cpsim.profile_fit import StepSample, fit_terms, relative_errors
@@ -71,7 +72,11 @@ def live_file(path: Path) -> Path:
 
 def fit_profile(engine: list[StepSample], serving: list[StepSample], info: dict[str, Any]
                 ) -> ProfiledLatencyModel:
-    """Engine terms from the in-process steps; serving terms from what AsyncLLM adds."""
+    """Engine terms from the in-process steps; serving terms from what AsyncLLM adds to a
+    step; the serving path of a request (ingress_s, egress_s) from its path samples."""
+    path = [s for s in serving if s.kind.startswith(PATH_KIND)]
+    serving = [s for s in serving if not s.kind.startswith(PATH_KIND)]
+    ingress_s, egress_s, path_report = fit_path(path)
     engine_fit = fit_terms(engine, ENGINE_TERMS, signed=("prefill_step_s",))
     coefficients = dict(engine_fit.coefficients)
     report: dict[str, Any] = {"engine_step": engine_fit.report()}
@@ -91,16 +96,18 @@ def fit_profile(engine: list[StepSample], serving: list[StepSample], info: dict[
     if ttft:
         report["serving_ttft_offset_ms"] = round(1e3 * statistics.median(
             s.time_s - model.step_time_s(s.batch) for s in ttft), 3)
+    if path_report:
+        report["serving_path"] = path_report
     rel = relative_errors(model, engine + decode)
     report["profile_max_rel_error"] = round(float(np.max(np.abs(rel))), 4)
     info["fit"] = report
     info["samples"] = [[s.kind, round(s.time_s * 1e3, 4), *s.to_dict()["batch"]]
-                       for s in engine + serving]
+                       for s in engine + serving + path]
     return ProfiledLatencyModel(
         info["model"], info["hardware"], coefficients, engine=info["engine"],
         engine_version=info["engine_version"], tensor_parallel_size=info["tp"],
         max_num_batched_tokens=info["max_num_batched_tokens"], provenance=info["provenance"]
-        | {"fit": report, "samples_ms": info["samples"]})
+        | {"fit": report, "samples_ms": info["samples"]}, ingress_s=ingress_s, egress_s=egress_s)
 
 
 def refit(source: Path, out: Path) -> Path:
@@ -115,8 +122,8 @@ def refit(source: Path, out: Path) -> Path:
             "max_num_batched_tokens": old.max_num_batched_tokens,
             "provenance": prov | {"refit_from": str(source), "refit_command":
                                   f"python -m backends.vllm.profiler --refit {source} --out {out}"}}
-    engine = [s for s in samples if not s.kind.startswith("serving")]
-    serving = [s for s in samples if s.kind.startswith("serving")]
+    engine = [s for s in samples if not s.kind.startswith(("serving", PATH_KIND))]
+    serving = [s for s in samples if s.kind.startswith(("serving", PATH_KIND))]
     path = save_profile(fit_profile(engine, serving, info), out)
     print(f"wrote {path}")
     return path
@@ -212,7 +219,12 @@ def main(argv: list[str] | None = None) -> Path | None:
                       "by step shape in short Poisson runs (live_rates_rps, seed live_seed, "
                       "ShareGPT lengths; per-step shapes from vLLM's iteration details), "
                       "through ControlPlaneManager + AsyncLLMBackend, with the engine terms "
-                      "held fixed",
+                      "held fixed; the lone prompts' TTFTs are the engine core's own (first "
+                      "token output - taken in, vLLM's request timestamps); ingress_s and "
+                      "egress_s: medians of each request's serving path (control plane -> "
+                      "engine core scheduler, on requests that found the engine idle; engine "
+                      "core first token output -> control plane) over the lone prompts and "
+                      "the live runs",
         },
     }
     model = fit_profile(engine, serving, info)

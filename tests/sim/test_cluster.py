@@ -124,6 +124,17 @@ def test_lone_request_ttft_is_the_priced_prefill_step(prompt: int, out: int) -> 
     assert row["num_output_tokens"] == out
 
 
+def test_serving_path_adds_ingress_and_egress_to_ttft_and_latency_not_tpot() -> None:
+    path = ProfiledLatencyModel("tiny-llama", "test-gpu", COEFFICIENTS, ingress_s=0.004,
+                                egress_s=0.0025)
+    requests = [(1.0, req("a", 700, 20))]
+    plain = by_id(simulate([spec("r0")], requests)[0]).loc["a"]
+    served = by_id(simulate([spec("r0", latency=path)], requests)[0]).loc["a"]
+    assert served["ttft_ms"] == pytest.approx(plain["ttft_ms"] + 6.5, rel=1e-9)
+    assert served["latency_ms"] == pytest.approx(plain["latency_ms"] + 6.5, rel=1e-9)
+    assert served["tpot_ms"] == pytest.approx(plain["tpot_ms"], rel=1e-9)
+
+
 def md1_mean_wait_s(rho: float, service_s: float) -> float:
     return rho * service_s / (2.0 * (1.0 - rho))
 
@@ -248,6 +259,7 @@ request_strategy = st.tuples(
     router=st.sampled_from(sorted(ROUTERS)),
     max_queue_len=st.one_of(st.none(), st.integers(0, 10)),
     queue_timeout_s=st.one_of(st.none(), st.floats(0.05, 2.0)),
+    serving_path=st.booleans(),
 )
 def test_every_request_ends_exactly_once_and_blocks_stay_in_bounds(
     shapes: list[tuple[int, int, str, float | None, int | None]],
@@ -262,7 +274,10 @@ def test_every_request_ends_exactly_once_and_blocks_stay_in_bounds(
     router: str,
     max_queue_len: int | None,
     queue_timeout_s: float | None,
+    serving_path: bool,
 ) -> None:
+    latency = (ProfiledLatencyModel("tiny-llama", "test-gpu", COEFFICIENTS, ingress_s=0.004,
+                                    egress_s=0.003) if serving_path else LATENCY)
     types = ["general"] * num_replicas
     if pd_on and num_replicas >= 2:
         types = ["prefilling"] + ["decoding"] * (num_replicas - 1)
@@ -273,6 +288,7 @@ def test_every_request_ends_exactly_once_and_blocks_stay_in_bounds(
             max_concurrent_requests=max_concurrent,
             num_gpu_blocks=num_gpu_blocks,
             faults=[f for j, f in faults if j == i],
+            latency=latency,
             max_num_batched_tokens=256,
         )
         for i in range(num_replicas)

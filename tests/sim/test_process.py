@@ -9,6 +9,7 @@ from backends.sim.faults import Fault
 from backends.sim.process import ReplicaProcess
 from backends.sim.request import SimRequest
 from cpsim.latency import StepBatch
+from cpsim.profiles import ProfiledLatencyModel
 from cpsim.views import Phase
 from tests.sim.conftest import make_replica
 
@@ -233,3 +234,69 @@ def test_snapshot_reports_load_cache_and_busy_fraction(latency) -> None:  # type
 def test_bad_faults_name_the_field(kwargs, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         Fault(**kwargs)
+
+
+# ------------------------------------------------------------------ the serving path
+INGRESS_S, EGRESS_S = 0.003, 0.002
+
+
+def with_path(latency):  # type: ignore[no-untyped-def]
+    return ProfiledLatencyModel(latency.model, latency.hardware, latency.coefficients,
+                                ingress_s=INGRESS_S, egress_s=EGRESS_S)
+
+
+@pytest.mark.parametrize("token_reports", ["finish", "step"])
+def test_serving_path_delays_admission_and_every_report(latency, token_reports) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(with_path(latency), token_reports=token_reports)
+    submit_at(env, proc, 1.0, SimRequest("a", 400, 30))
+    env.run()
+    first, finish = lone_finish_s(latency, 400, 30, start=1.0 + INGRESS_S)
+    assert events.times("first")["a"] == pytest.approx(first + EGRESS_S)
+    assert events.times("finish")["a"] == pytest.approx(finish + EGRESS_S)
+    if token_reports == "step":  # the decode run's tokens arrive one egress after it
+        ticks = [e for e in events.log if e[0] == "tokens"]
+        assert sum(e[3] for e in ticks) == 29
+        assert ticks[-1][2] == pytest.approx(finish + EGRESS_S)
+
+
+def test_without_a_serving_path_nothing_is_delayed(latency) -> None:  # type: ignore[no-untyped-def]
+    zero = ProfiledLatencyModel(latency.model, latency.hardware, latency.coefficients,
+                                ingress_s=0.0, egress_s=0.0)
+    env, proc, events = setup(zero)
+    submit_at(env, proc, 1.0, SimRequest("a", 400, 30))
+    env.run()
+    first, finish = lone_finish_s(latency, 400, 30, start=1.0)
+    assert events.times("first")["a"] == first and events.times("finish")["a"] == finish
+
+
+def test_abort_on_the_ingress_path_never_reaches_the_engine(latency) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(with_path(latency))
+    proc.submit(SimRequest("a", 100, 5), Phase.FULL)
+    env.run(until=INGRESS_S / 2)
+    assert proc.abort("a") and not proc.abort("a")
+    env.run()
+    assert not [e for e in events.log if e[0] != "snapshot"]
+    assert proc.replica.num_steps == 0 and not proc.replica.has_work
+
+
+def test_crash_on_the_egress_path_drops_the_undelivered_report(latency) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(with_path(latency))
+    proc.submit(SimRequest("a", 100, 1), Phase.FULL)
+    done_s = INGRESS_S + latency.step_time_s(StepBatch(100, 100**2, 0, 1))
+    proc.add_fault(Fault("crash", at_s=done_s + EGRESS_S / 2, duration_s=1.0))
+    submit_at(env, proc, 0.5, SimRequest("b", 100, 1))  # while the replica is down
+    env.run()
+    kinds = [(e[0], e[1]) for e in events.log if e[0] != "snapshot"]
+    assert ("finish", "a") not in kinds and ("first", "a") not in kinds
+    assert kinds.count(("instance_failure", "r0")) == 1
+    assert ("failure", "b") in kinds  # submitted while down
+
+
+def test_crash_on_the_ingress_path_loses_the_request_once(latency) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(with_path(latency))
+    proc.add_fault(Fault("crash", at_s=INGRESS_S / 2, duration_s=INGRESS_S / 4))
+    proc.submit(SimRequest("a", 100, 1), Phase.FULL)
+    env.run()
+    kinds = [(e[0], e[1]) for e in events.log if e[0] != "snapshot"]
+    assert kinds == [("instance_failure", "r0"), ("instance_recovered", "r0")]
+    assert not proc.replica.has_work and proc.replica.num_steps == 0

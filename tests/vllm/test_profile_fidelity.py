@@ -72,6 +72,10 @@ def test_profile_then_simulate_then_fidelity(tmp_path: Path) -> None:
     assert profile.engine.startswith("vllm") and profile.engine_version
     assert profile.provenance["fit"]["engine_step"]["num_samples"] >= 6
     assert profile.coefficients["serving_step_s"] >= 0.0
+    # the serving path, from vLLM's request timestamps: a few ms each way on a CPU
+    path = profile.provenance["fit"]["serving_path"]
+    assert path["path_ingress"]["num_samples"] >= 1 and path["path_egress"]["num_samples"] >= 1
+    assert 0.0 < profile.ingress_s < 0.1 and 0.0 < profile.egress_s < 0.1
     assert profile.step_time_s(StepBatch(num_decode_seqs=4, decode_context_tokens=512)) > 0
 
     args = fidelity_args(["--num-requests", "6"])
