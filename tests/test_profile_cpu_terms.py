@@ -230,9 +230,10 @@ def test_serving_path_round_trips_and_adds_to_predicted_ttft(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("key", "value"), [("ingress_s", -0.001), ("egress_s", float("inf")),
                                             ("egress_s", "2ms")])
-def test_a_bad_serving_path_names_the_field(key: str, value: object) -> None:
+def test_a_bad_serving_path_in_a_profile_file_names_the_field(key: str, value: object) -> None:
+    data = ProfiledLatencyModel("m", "h", ENGINE).to_dict() | {key: value}
     with pytest.raises(ValueError, match=key):
-        ProfiledLatencyModel("m", "h", ENGINE, **{key: value})  # type: ignore[arg-type]
+        ProfiledLatencyModel.from_dict(data)
 
 
 def test_path_samples_take_ingress_only_from_requests_that_found_the_engine_idle() -> None:

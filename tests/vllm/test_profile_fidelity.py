@@ -73,8 +73,9 @@ def test_profile_then_simulate_then_fidelity(tmp_path: Path) -> None:
     assert profile.provenance["fit"]["engine_step"]["num_samples"] >= 6
     assert profile.coefficients["serving_step_s"] >= 0.0
     # the serving path, from vLLM's request timestamps: a few ms each way on a CPU
-    path = profile.provenance["fit"]["serving_path"]
-    assert path["path_ingress"]["num_samples"] >= 1 and path["path_egress"]["num_samples"] >= 1
+    served = profile.provenance["fit"]["serving_path"]
+    assert served["path_ingress"]["num_samples"] >= 1
+    assert served["path_egress"]["num_samples"] >= 1
     assert 0.0 < profile.ingress_s < 0.1 and 0.0 < profile.egress_s < 0.1
     assert profile.step_time_s(StepBatch(num_decode_seqs=4, decode_context_tokens=512)) > 0
 
