@@ -339,10 +339,21 @@ class ReplicaProcess:
     def _report(self, outcome: StepOutcome, now: float) -> None:
         """Tell ``events`` what a step or run produced: at once, or after the egress path
         (not at all if the replica crashed meanwhile: the crash's report covers it)."""
+        self._stamp(outcome, now)
         if self._egress_s <= 0.0:
-            self._deliver(outcome, now, True)
-            return
-        for rid in outcome.first_token_ids:  # the engine's own times, now
+            self._deliver(outcome, now)
+        elif outcome.first_token_ids or outcome.finished or self.token_reports == "step":
+            crashes = self.num_crashes
+
+            def deliver(_event: WakeUp) -> None:
+                if self.num_crashes == crashes:
+                    self._deliver(outcome, self.env.now)
+
+            call_later(self.env, self._egress_s, deliver)
+
+    def _stamp(self, outcome: StepOutcome, now: float) -> None:
+        """The engine's own times of the first tokens and finishes in ``outcome``."""
+        for rid in outcome.first_token_ids:
             req = self.replica.get(rid)
             if req is not None:
                 req.first_token_time_s = now
@@ -350,23 +361,10 @@ class ReplicaProcess:
             req.finish_time_s = now
             if req.first_token_time_s is None:
                 req.first_token_time_s = now
-        if outcome.first_token_ids or outcome.finished or self.token_reports == "step":
-            crashes = self.num_crashes
 
-            def deliver(_event: WakeUp) -> None:
-                if self.num_crashes == crashes:
-                    self._deliver(outcome, self.env.now, False)
-
-            call_later(self.env, self._egress_s, deliver)
-
-    def _deliver(self, outcome: StepOutcome, now: float, stamp: bool) -> None:
-        """Report ``outcome`` at ``now``; ``stamp``: the engine's times are ``now`` too."""
+    def _deliver(self, outcome: StepOutcome, now: float) -> None:
         iid, events, phases = self.instance_id, self.events, self._phases
         for rid in outcome.first_token_ids:
-            if stamp:
-                req = self.replica.get(rid)
-                if req is not None:
-                    req.first_token_time_s = now
             phase = phases.get(rid)
             if phase is not None and phase is not Phase.PREFILL:
                 events.on_first_token(rid, iid, now)
@@ -377,10 +375,6 @@ class ReplicaProcess:
                 if rid not in first and phase is not None and phase is not Phase.PREFILL:
                     events.on_tokens(rid, iid, num, now)
         for req in outcome.finished:
-            if stamp:
-                req.finish_time_s = now
-                if req.first_token_time_s is None:
-                    req.first_token_time_s = now
             if req.request_id in phases:  # else aborted meanwhile: nothing more is reported
                 self._report_finish(req, now)
 
