@@ -148,7 +148,7 @@ async def measure_live(manager: Any, recorder: StepRecorder, grid: ProfileGrid, 
     offset = submitted - float(rec["arrival_time_s"].iloc[0])
     columns = list(RECORD_COLUMNS)
     if path is not None:
-        rec = path.with_engine_times(rec, path.offset_s(rec))
+        rec = path.with_engine_times(rec, offset)  # the same clocks as the steps'
         columns += PATH_COLUMNS
     run = LiveRun(rate_rps, list(recorder.steps), rec[columns].reset_index(drop=True), offset)
     print(f"  live calibration at {rate_rps:g} req/s: {len(recorder.steps)} steps, "

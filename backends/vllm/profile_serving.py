@@ -76,8 +76,10 @@ async def _serving(engine_args: dict[str, Any], grid: ProfileGrid, live_runs: li
     async def lone_ttft(length: int) -> float:
         await asyncio.sleep(grid.serving_idle_gap_s)  # arrivals find the engine idle
         _, ttfts, rec = await run(1, length, 1)
-        path_records.append(rec)  # the serving path is sampled on lone prompts and live runs,
-        return ttfts[0]  # whose traffic is like served traffic, not on lockstep batches
+        # the serving path is sampled on lone prompts and live runs, whose traffic is like
+        # served traffic, not on the lockstep batches
+        path_records.append(rec)
+        return ttfts[0]
 
     for length in grid.serving_ttft_prompts_tokens:
         ttfts = [await lone_ttft(length) for _ in range(grid.repeats)]
