@@ -300,3 +300,17 @@ def test_crash_on_the_ingress_path_loses_the_request_once(latency) -> None:  # t
     kinds = [(e[0], e[1]) for e in events.log if e[0] != "snapshot"]
     assert kinds == [("instance_failure", "r0"), ("instance_recovered", "r0")]
     assert not proc.replica.has_work and proc.replica.num_steps == 0
+
+
+def test_a_report_on_the_egress_path_at_a_crash_never_reaches_the_retry(latency) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(with_path(latency))
+    proc.submit(SimRequest("a", 100, 1), Phase.FULL)
+    step_s = latency.step_time_s(StepBatch(100, 100**2, 0, 1))
+    done_s = INGRESS_S + step_s
+    # crash and recover while a's finish is on its way out; the retry arrives before it lands
+    proc.add_fault(Fault("crash", at_s=done_s + EGRESS_S / 4, duration_s=EGRESS_S / 4))
+    submit_at(env, proc, done_s + 3 * EGRESS_S / 4, SimRequest("a", 100, 1))
+    env.run()
+    retry_first = done_s + 3 * EGRESS_S / 4 + INGRESS_S + step_s + EGRESS_S
+    assert [e[2] for e in events.log if e[:2] == ("first", "a")] == pytest.approx([retry_first])
+    assert [e[2] for e in events.log if e[:2] == ("finish", "a")] == pytest.approx([retry_first])
