@@ -216,6 +216,29 @@ class ProfiledLatencyModel:
             return None
         return first, per_token * context_increment_tokens
 
+    def scaled(self, factor: float) -> ProfiledLatencyModel:
+        """This profile on an engine ``factor`` times as slow: every step and the serving
+        path take ``factor`` times as long (``serving_engine_frac`` is a ratio and stays).
+        For an engine whose speed has drifted since it was profiled (a probe measures the
+        factor; ``experiments/fidelity.py``)."""
+        if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor={factor!r} must be a positive finite number")
+
+        def times(coefficients: Mapping[str, float]) -> dict[str, float]:
+            return {
+                term: value if term == "serving_engine_frac" else value * factor
+                for term, value in coefficients.items()
+            }
+
+        data = self.to_dict()
+        data["coefficients"] = times(self.coefficients)
+        if self.large_batch_coefficients is not None:
+            data["large_batch_coefficients"] = times(self.large_batch_coefficients)
+        data["ingress_s"] = self.ingress_s * factor
+        data["egress_s"] = self.egress_s * factor
+        data["provenance"] = {**self.provenance, "scaled_by": float(factor)}
+        return ProfiledLatencyModel.from_dict(data)
+
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
         estimate = predict_from_steps(self, request, instance, self.max_num_batched_tokens)
         path_s = self.ingress_s + self.egress_s

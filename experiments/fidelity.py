@@ -6,7 +6,10 @@ The real side is one AsyncLLM engine behind cpsim's live stack (ControlPlaneMana
 round_robin, AsyncLLMBackend); the simulated side is ClusterSimulation with the same
 instance mirrored (conf/cluster) and the measured profile. A burst run measures saturation
 first; then Poisson runs at fractions of it. The simulator replays the arrival times the
-real run actually produced, so arrival jitter is not counted as model error.
+real run actually produced, so arrival jitter is not counted as model error. A small fixed
+probe before each run and after the last measures how fast the engine is at the time against
+its profile; the errors are also given with the profile scaled by that factor
+(``experiments/fidelity_probe.py``), which takes the machine's drift out of them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from cpsim.types import ExecutionInstance, RequestMetadata
 from cpsim.workload import PoissonArrivals, RequestMix, SyntheticWorkload, TraceSampledLengths
 from cpsim.workload.traces import IntArray
 from experiments.build import build_instances, build_replicas
+from experiments.fidelity_probe import Probe, ProbeShape, mean_latency_ms, now_iso, run_factors
 from policies.routing.round_robin import RoundRobinRouter
 from policies.scheduling.fifo import FIFOPolicy
 
@@ -132,6 +136,12 @@ def run_sim(cluster: dict[str, Any], profile: ProfiledLatencyModel,
     return sim.run(iter(requests), total=len(requests)).requests
 
 
+def simulate_probe(cluster: dict[str, Any], profile: ProfiledLatencyModel,
+                   shape: ProbeShape) -> float:
+    """The probe's mean end-to-end latency in the simulator with ``profile`` (ms)."""
+    return mean_latency_ms(run_sim(cluster, profile, shape.requests("sim")))
+
+
 def real_arrivals(records: pd.DataFrame, requests: Sequence[tuple[float, RequestMetadata]]
                   ) -> list[tuple[float, RequestMetadata]]:
     """The requests at the times the real control plane received them (from 0)."""
@@ -175,20 +185,37 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "") -> pd.DataFrame:
+def _errors_pct(table: pd.DataFrame) -> pd.DataFrame:
+    shown = table[table["metric"] != "completed"]
+    return shown.pivot_table(index=["run", "rate_rps"], columns="metric", values="rel_error",
+                             sort=False) * 100
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "",
+                 adjusted_rows: list[dict[str, Any]] | None = None,
+                 probes: Sequence[Probe] = ()) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(out / "fidelity.csv", index=False)
     shown = table[table["metric"] != "completed"]
-    pct = shown.pivot_table(index=["run", "rate_rps"], columns="metric", values="rel_error",
-                            sort=False) * 100
     both = shown.assign(cell=[f"{a:.1f} / {b:.1f}" for a, b in zip(shown.real, shown.sim,
                                                                     strict=True)])
     values = both.pivot_table(index=["run", "rate_rps"], columns="metric", values="cell",
                               aggfunc="first", sort=False)
     md = [f"Profile: {profile_note}", "",
           "## Relative error of the simulator, % ((sim - real) / real)", "",
-          markdown(pct), "", "## Real / simulated values (ms; rps; tokens/s)", "",
+          markdown(_errors_pct(table)), "", "## Real / simulated values (ms; rps; tokens/s)", "",
           markdown(values), ""]
+    if adjusted_rows:
+        adjusted = pd.DataFrame(adjusted_rows)
+        adjusted.to_csv(out / "fidelity_adjusted.csv", index=False)
+        speed = pd.DataFrame([p.to_dict() for p in probes]).set_index("before")
+        factors = adjusted.drop_duplicates("run").set_index("run")["speed_factor"]
+        md += ["## The engine's speed against its profile (probe: real / simulated mean e2e)", "",
+               markdown(speed), "",
+               "A run's factor is the geometric mean of the probes before and after it: "
+               + ", ".join(f"{run} {f:.3f}" for run, f in factors.items()) + ".", "",
+               "## Relative error with the profile scaled by the run's factor, %", "",
+               markdown(_errors_pct(adjusted)), ""]
     (out / "fidelity.md").write_text("\n".join(md))
     return table
 
@@ -241,28 +268,46 @@ def resimulate(args: argparse.Namespace, cluster: dict[str, Any], profile: Profi
         sim = run_sim(cluster, profile, requests_of(real))
         runs.append((label, float(old.rate_rps[label]), float(old.load_frac[label]), real, sim))
     meta = json.loads((saved / "fidelity.json").read_text())
+    probes: list[Probe] = []
+    if meta.get("probes"):  # the real probes again, against this profile's simulation of them
+        shape = ProbeShape(**meta["probe_shape"])
+        sim_ms = simulate_probe(cluster, profile, shape)
+        probes = [Probe.from_dict(p, sim_ms) for p in meta["probes"]]
     meta.setdefault("real_run_profile_date", meta.get("profile_date"))
     meta["profile_date"] = profile.provenance.get("date")
     meta["resimulated_with"] = str(args.profile)
     meta["reused_real"] = str(saved)
     meta["resimulated_date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return report(runs, out, meta)
+    return report(runs, out, meta, cluster, profile, probes)
 
 
 def report(runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]], out: Path,
-           meta: dict[str, Any]) -> pd.DataFrame:
-    """Records, the tables, the CDF plot and the run's facts under ``out``."""
+           meta: dict[str, Any], cluster: dict[str, Any], profile: ProfiledLatencyModel,
+           probes: Sequence[Probe] = ()) -> pd.DataFrame:
+    """Records, the tables, the CDF plot and the run's facts under ``out``; with probes,
+    also each run simulated with the profile scaled by the engine's speed at the time."""
     rows = []
+    adjusted_rows: list[dict[str, Any]] = []
+    factors = run_factors(probes, [label for label, *_ in runs]) if probes else {}
     for label, rate, frac, real, sim in runs:
         rows += compare(label, rate, frac, real, sim)
         real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
         sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
+        if label in factors:
+            scaled = run_sim(cluster, profile.scaled(factors[label]), requests_of(real))
+            scaled.assign(run=label).to_parquet(out / f"sim-adjusted-{label}.parquet",
+                                                index=False)
+            adjusted_rows += [row | {"speed_factor": round(factors[label], 4)}
+                              for row in compare(label, rate, frac, real, scaled)]
+    if probes:
+        meta["probes"] = [p.to_dict() for p in probes]
+        meta["speed_factors"] = {k: round(v, 4) for k, v in factors.items()}
     note = f"{meta.get('resimulated_with') or meta.get('args', {}).get('profile')} " + (
         f"(measured {meta.get('profile_date')}); real runs {meta.get('date', '?')}: "
         f"`{meta.get('command', '?')}`")
     if "reused_real" in meta:
         note += f"; re-simulated {meta['resimulated_date']} over {meta['reused_real']}"
-    table = write_tables(rows, out, note)
+    table = write_tables(rows, out, note, adjusted_rows, probes)
     plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
               out / "fidelity_cdf.png")
     (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -279,11 +324,26 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
         return resimulate(args, cluster, profile, out)
     instance = build_instances(cluster, pd_enabled=False)[0]
     load = wait_for_quiet(args.max_load, args.max_wait_s)
+    shape = None if args.no_probe else ProbeShape(
+        args.probe_requests, args.probe_prompt_tokens, args.probe_output_tokens)
+    probe_sim_ms = simulate_probe(cluster, profile, shape) if shape else 0.0
     engine = await start_local_engine(engine_args_of(cluster, str(args.model_dir)))
     started = time.monotonic()
     runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]] = []
+    probes: list[Probe] = []
     loads = []
+
+    async def probe(before: str) -> None:
+        if shape is not None:
+            date = now_iso()
+            real_ms = mean_latency_ms(await run_real(engine, instance, shape.requests(before)))
+            probes.append(Probe(before, date, real_ms, probe_sim_ms))
+            print(f"probe before {before}: {probes[-1].ratio:.3f} x the profile", flush=True)
+
     try:
+        if shape is not None:  # untimed: a fresh engine's first requests are slower
+            await run_real(engine, instance, shape.requests("warmup"))
+        await probe("saturation")
         burst = workload(0.0, args.saturation_requests, args, "sat-")
         real = await run_real(engine, instance, burst)
         saturation = summarize(real)["throughput_rps"]
@@ -292,6 +352,7 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
         print(f"saturation: {saturation:.2f} req/s", flush=True)
         rates = args.rates or [f * saturation for f in args.rate_fracs]
         for i, rate in enumerate(rates):
+            await probe(f"poisson-{i}")
             reqs = workload(rate, args.num_requests, args, f"r{i}-")
             before = os.getloadavg()[0]
             real = await run_real(engine, instance, reqs)
@@ -299,6 +360,7 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
             sim = run_sim(cluster, profile, real_arrivals(real, reqs))
             runs.append((f"poisson-{i}", rate, rate / saturation, real, sim))
             print(f"rate {rate:.2f} req/s done", flush=True)
+        await probe("end")
     finally:
         await engine.shutdown()
     meta = {"command": "python -m experiments.fidelity " + " ".join(sys.argv[1:]),
@@ -307,7 +369,9 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
             "load_1min_per_run (rate, before, after)": loads,
             "profile_date": profile.provenance.get("date"),
             "real_wall_s": round(time.monotonic() - started, 1), "saturation_rps": saturation}
-    return report(runs, out, meta)
+    if shape is not None:
+        meta["probe_shape"] = dataclasses.asdict(shape)
+    return report(runs, out, meta, cluster, profile, probes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -330,6 +394,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse-real", default=None, metavar="DIR",
                    help="re-simulate the real runs saved in DIR (no engine is started)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="no speed probe before each run (and no drift-adjusted errors)")
+    p.add_argument("--probe-requests", type=int, default=4)
+    p.add_argument("--probe-prompt-tokens", type=int, default=900)
+    p.add_argument("--probe-output-tokens", type=int, default=200)
     p.add_argument("--max-load", type=float, default=0.7)
     p.add_argument("--max-wait-s", type=float, default=600.0)
     return p.parse_args(argv)

@@ -257,3 +257,21 @@ def test_path_samples_take_ingress_only_from_requests_that_found_the_engine_idle
     assert (ingress_s, egress_s) == pytest.approx((0.0025, 0.002))
     assert report[INGRESS]["num_samples"] == 2 and report[EGRESS]["median_ms"] == 2.0
     assert fit_path([]) == (0.0, 0.0, {})
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_scaled_profile_prices_every_step_and_the_path_by_the_factor(batch: StepBatch) -> None:
+    model = ProfiledLatencyModel("m", "h", ENGINE | SERVING, ingress_s=0.002, egress_s=0.001,
+                                 provenance={"source": "test"})
+    slow = model.scaled(1.25)
+    assert slow.step_time_s(batch) == pytest.approx(1.25 * model.step_time_s(batch))
+    assert (slow.ingress_s, slow.egress_s) == pytest.approx((0.0025, 0.00125))
+    assert slow.coefficients["serving_engine_frac"] == SERVING["serving_engine_frac"]
+    assert slow.provenance == {"source": "test", "scaled_by": 1.25}
+    assert model.step_time_s(batch) == pytest.approx(_by_hand(ENGINE | SERVING, batch))
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf"), "2"])
+def test_a_bad_scale_factor_names_the_value(factor: object) -> None:
+    with pytest.raises(ValueError, match="factor="):
+        ProfiledLatencyModel("m", "h", ENGINE).scaled(factor)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -101,9 +102,14 @@ def test_profile_then_simulate_then_fidelity(tmp_path: Path) -> None:
             "0.1",
             "--max-wait-s",
             "0",
+            "--probe-prompt-tokens",
+            "100",
+            "--probe-output-tokens",
+            "20",
         ]
     )
-    for name in ("fidelity.csv", "fidelity.md", "fidelity_cdf.png", "fidelity.json"):
+    for name in ("fidelity.csv", "fidelity.md", "fidelity_cdf.png", "fidelity.json",
+                 "fidelity_adjusted.csv"):
         assert (out / name).stat().st_size > 0
     csv = pd.read_csv(out / "fidelity.csv")
     assert list(csv.columns) == [
@@ -122,3 +128,11 @@ def test_profile_then_simulate_then_fidelity(tmp_path: Path) -> None:
     assert len(errors) == 3 * 10 and all(math.isfinite(e) for e in errors)
     completed = csv[csv["metric"] == "completed"]
     assert (completed["real"] == 6).all() and (completed["sim"] == 6).all()
+    # a probe before each run and at the end; each run's speed factor from the two around it
+    meta = json.loads((out / "fidelity.json").read_text())
+    assert [p["before"] for p in meta["probes"]] == ["saturation", "poisson-0", "poisson-1", "end"]
+    assert all(0.2 < p["ratio"] < 5.0 for p in meta["probes"])
+    adjusted = pd.read_csv(out / "fidelity_adjusted.csv")
+    assert set(adjusted["run"]) == set(csv["run"])
+    factors = adjusted.drop_duplicates("run").set_index("run")["speed_factor"].to_dict()
+    assert factors == pytest.approx(meta["speed_factors"])
