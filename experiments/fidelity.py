@@ -185,7 +185,7 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
 
 
-def _errors_pct(table: pd.DataFrame) -> pd.DataFrame:
+def errors_pct(table: pd.DataFrame) -> pd.DataFrame:
     shown = table[table["metric"] != "completed"]
     return shown.pivot_table(index=["run", "rate_rps"], columns="metric", values="rel_error",
                              sort=False) * 100
@@ -203,7 +203,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "",
                               aggfunc="first", sort=False)
     md = [f"Profile: {profile_note}", "",
           "## Relative error of the simulator, % ((sim - real) / real)", "",
-          markdown(_errors_pct(table)), "", "## Real / simulated values (ms; rps; tokens/s)", "",
+          markdown(errors_pct(table)), "", "## Real / simulated values (ms; rps; tokens/s)", "",
           markdown(values), ""]
     if adjusted_rows:
         adjusted = pd.DataFrame(adjusted_rows)
@@ -215,7 +215,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "",
                "A run's factor is the geometric mean of the probes before and after it: "
                + ", ".join(f"{run} {f:.3f}" for run, f in factors.items()) + ".", "",
                "## Relative error with the profile scaled by the run's factor, %", "",
-               markdown(_errors_pct(adjusted)), ""]
+               markdown(errors_pct(adjusted)), ""]
     (out / "fidelity.md").write_text("\n".join(md))
     return table
 

@@ -1,5 +1,6 @@
-"""The fidelity report's speed probe: factors per run, and drift-adjusted errors (no engine:
-a slowed-down simulation stands in for a real engine that drifted since its profile)."""
+"""The fidelity report's speed probe (factors per run, drift-adjusted errors) and its
+real-vs-real noise floor. No engine: a slowed-down simulation stands in for a real engine that
+drifted since its profile."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from experiments.fidelity import (
     simulate_probe,
     workload,
 )
+from experiments.fidelity_noise import main as noise_main
+from experiments.fidelity_noise import real_vs_real
 from experiments.fidelity_probe import Probe, ProbeShape, mean_latency_ms, run_factors
 
 PROFILE = "vllm-cpu-tiny-llama-tp1"
@@ -56,20 +59,28 @@ def test_a_probe_that_did_not_complete_is_an_error() -> None:
         mean_latency_ms(records)
 
 
+def _saved_report(path: Path, factor: float, rates: tuple[float, ...] = (1.0, 3.0)) -> Path:
+    """A report folder whose 'real' runs come from the profile scaled by ``factor``."""
+    cluster, slow = load_cluster(CLUSTER), load_profile(PROFILE).scaled(factor)
+    args = parse_args(["--num-requests", "12", "--length-scale", "0.2"])
+    path.mkdir()
+    rows = []
+    for i, rate in enumerate(rates):
+        real = run_sim(cluster, slow, workload(rate, 12, args, f"r{i}-"))
+        real.to_parquet(path / f"real-poisson-{i}.parquet", index=False)
+        rows += [{"run": f"poisson-{i}", "rate_rps": rate, "load_frac": rate / 4, "metric": m,
+                  "real": 1.0, "sim": 1.0, "rel_error": 0.0} for m in ("ttft_p50_ms",)]
+    pd.DataFrame(rows).to_csv(path / "fidelity.csv", index=False)
+    return path
+
+
 def test_a_uniform_drift_is_taken_out_exactly(tmp_path: Path) -> None:
     """'Real' runs from an engine 25 % slower than its profile: the raw errors show it, the
     probes measure 1.25, and the errors with the profile scaled by it are zero."""
     cluster, profile = load_cluster(CLUSTER), load_profile(PROFILE)
     slow = profile.scaled(1.25)
-    args = parse_args(["--num-requests", "12", "--length-scale", "0.2"])
-    saved = tmp_path / "real"
-    saved.mkdir()
-    rows, shape = [], ProbeShape(2, 300, 40)
-    for i, rate in enumerate((1.0, 3.0)):
-        real = run_sim(cluster, slow, workload(rate, 12, args, f"r{i}-"))
-        real.to_parquet(saved / f"real-poisson-{i}.parquet", index=False)
-        rows.append({"run": f"poisson-{i}", "rate_rps": rate, "load_frac": rate / 4})
-    pd.DataFrame(rows).to_csv(saved / "fidelity.csv", index=False)
+    saved = _saved_report(tmp_path / "real", 1.25)
+    shape = ProbeShape(2, 300, 40)
     real_probe_ms = simulate_probe(cluster, slow, shape)
     probes = [{"before": b, "date": "d", "real_ms": real_probe_ms, "sim_ms": 0.0}
               for b in ("poisson-0", "poisson-1", "end")]
@@ -90,3 +101,18 @@ def test_a_uniform_drift_is_taken_out_exactly(tmp_path: Path) -> None:
     meta = json.loads((out / "fidelity.json").read_text())
     assert meta["speed_factors"] == pytest.approx({"poisson-0": 1.25, "poisson-1": 1.25})
     assert "scaled by the run's factor" in (out / "fidelity.md").read_text()
+
+
+def test_real_vs_real_compares_two_reports_of_the_same_runs(tmp_path: Path) -> None:
+    first = _saved_report(tmp_path / "a", 1.0)
+    second = _saved_report(tmp_path / "b", 1.2)
+    table = real_vs_real(first, second)
+    tpot = table[table["metric"] == "tpot_p50_ms"]
+    assert list(tpot["run"]) == ["poisson-0", "poisson-1"]
+    assert (tpot["rel_error"] > 0.15).all()  # the second engine is 20 % slower per step
+    noise_main([str(first), str(second), "--out", str(tmp_path / "noise")])
+    assert "The second real run relative to the first" in (
+        tmp_path / "noise" / "real_vs_real.md").read_text()
+    other = _saved_report(tmp_path / "c", 1.0, rates=(1.0, 2.0))
+    with pytest.raises(ValueError, match="the rates must match"):
+        real_vs_real(first, other)
