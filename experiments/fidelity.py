@@ -209,6 +209,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, profile_note: str = "",
         adjusted = pd.DataFrame(adjusted_rows)
         adjusted.to_csv(out / "fidelity_adjusted.csv", index=False)
         speed = pd.DataFrame([p.to_dict() for p in probes]).set_index("before")
+        speed["ratio"] = [f"{r:.3f}" for r in speed["ratio"]]  # markdown() shows one decimal
         factors = adjusted.drop_duplicates("run").set_index("run")["speed_factor"]
         md += ["## The engine's speed against its profile (probe: real / simulated mean e2e)", "",
                markdown(speed), "",
