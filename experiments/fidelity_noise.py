@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.fidelity import compare, errors_pct, markdown
+from experiments.fidelity_tables import compare, errors_pct, markdown
 
 
 def real_runs(report: Path) -> dict[str, tuple[float, float, pd.DataFrame]]:
