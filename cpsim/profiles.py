@@ -221,8 +221,9 @@ class ProfiledLatencyModel:
         path take ``factor`` times as long (``serving_engine_frac`` is a ratio and stays).
         For an engine whose speed has drifted since it was profiled (a probe measures the
         factor; ``experiments/fidelity.py``)."""
-        if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
-            raise ValueError(f"factor={factor!r} must be a positive finite number")
+        check_positive("factor", factor)
+        if not math.isfinite(factor):
+            raise ValueError(f"factor={factor!r} must be a finite number")
 
         def times(coefficients: Mapping[str, float]) -> dict[str, float]:
             return {
@@ -236,7 +237,8 @@ class ProfiledLatencyModel:
             data["large_batch_coefficients"] = times(self.large_batch_coefficients)
         data["ingress_s"] = self.ingress_s * factor
         data["egress_s"] = self.egress_s * factor
-        data["provenance"] = {**self.provenance, "scaled_by": float(factor)}
+        scaled_by = float(self.provenance.get("scaled_by", 1.0)) * factor  # of the measured one
+        data["provenance"] = {**self.provenance, "scaled_by": scaled_by}
         return ProfiledLatencyModel.from_dict(data)
 
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -151,6 +150,24 @@ def real_arrivals(records: pd.DataFrame, requests: Sequence[tuple[float, Request
 
 
 # ---------------------------------------------------------------------- main
+class Run(NamedTuple):
+    """One real run and its simulation; ``requests`` is what the simulator was given (the
+    requests at the real arrival times), so a re-simulation takes the same input."""
+
+    label: str
+    rate_rps: float
+    load_frac: float
+    real: pd.DataFrame
+    sim: pd.DataFrame
+    requests: list[tuple[float, RequestMetadata]]
+
+
+def simulated_run(label: str, rate: float, frac: float, real: pd.DataFrame,
+                  requests: list[tuple[float, RequestMetadata]], cluster: dict[str, Any],
+                  profile: ProfiledLatencyModel) -> Run:
+    return Run(label, rate, frac, real, run_sim(cluster, profile, requests), requests)
+
+
 def requests_of(records: pd.DataFrame) -> list[tuple[float, RequestMetadata]]:
     """A real run's requests at the times they arrived (to re-simulate a saved run)."""
     t0 = float(records["arrival_time_s"].min())
@@ -168,8 +185,8 @@ def resimulate(args: argparse.Namespace, cluster: dict[str, Any], profile: Profi
     runs = []
     for label in old.index:
         real = pd.read_parquet(saved / f"real-{label}.parquet")
-        sim = run_sim(cluster, profile, requests_of(real))
-        runs.append((label, float(old.rate_rps[label]), float(old.load_frac[label]), real, sim))
+        runs.append(simulated_run(label, float(old.rate_rps[label]), float(old.load_frac[label]),
+                                  real, requests_of(real), cluster, profile))
     meta = json.loads((saved / "fidelity.json").read_text())
     probes: list[Probe] = []
     if meta.get("probes"):  # the real probes again, against this profile's simulation of them
@@ -180,24 +197,24 @@ def resimulate(args: argparse.Namespace, cluster: dict[str, Any], profile: Profi
     meta["profile_date"] = profile.provenance.get("date")
     meta["resimulated_with"] = str(args.profile)
     meta["reused_real"] = str(saved)
-    meta["resimulated_date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    meta["resimulated_date"] = now_iso()
     return report(runs, out, meta, cluster, profile, probes)
 
 
-def report(runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]], out: Path,
+def report(runs: list[Run], out: Path,
            meta: dict[str, Any], cluster: dict[str, Any], profile: ProfiledLatencyModel,
            probes: Sequence[Probe] = ()) -> pd.DataFrame:
     """Records, the tables, the CDF plot and the run's facts under ``out``; with probes,
     also each run simulated with the profile scaled by the engine's speed at the time."""
     rows = []
     adjusted_rows: list[dict[str, Any]] = []
-    factors = run_factors(probes, [label for label, *_ in runs]) if probes else {}
-    for label, rate, frac, real, sim in runs:
+    factors = run_factors(probes, [run.label for run in runs]) if probes else {}
+    for label, rate, frac, real, sim, requests in runs:
         rows += compare(label, rate, frac, real, sim)
         real.assign(run=label).to_parquet(out / f"real-{label}.parquet", index=False)
         sim.assign(run=label).to_parquet(out / f"sim-{label}.parquet", index=False)
-        if label in factors:
-            scaled = run_sim(cluster, profile.scaled(factors[label]), requests_of(real))
+        if label in factors:  # the same input as ``sim``, on the scaled profile
+            scaled = run_sim(cluster, profile.scaled(factors[label]), requests)
             scaled.assign(run=label).to_parquet(out / f"sim-adjusted-{label}.parquet",
                                                 index=False)
             adjusted_rows += [row | {"speed_factor": round(factors[label], 4)}
@@ -211,7 +228,8 @@ def report(runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]], out
     if "reused_real" in meta:
         note += f"; re-simulated {meta['resimulated_date']} over {meta['reused_real']}"
     table = write_tables(rows, out, note, adjusted_rows, probes)
-    plot_cdfs([(f"{lab} ({rate:.1f} rps)" if rate else lab, r, s) for lab, rate, _, r, s in runs],
+    plot_cdfs([(f"{r.label} ({r.rate_rps:.1f} rps)" if r.rate_rps else r.label, r.real, r.sim)
+               for r in runs],
               out / "fidelity_cdf.png")
     (out / "fidelity.json").write_text(json.dumps(meta, indent=1, default=str))
     print((out / "fidelity.md").read_text())
@@ -232,7 +250,7 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
     probe_sim_ms = simulate_probe(cluster, profile, shape) if shape else 0.0
     engine = await start_local_engine(engine_args_of(cluster, str(args.model_dir)))
     started = time.monotonic()
-    runs: list[tuple[str, float, float, pd.DataFrame, pd.DataFrame]] = []
+    runs: list[Run] = []
     probes: list[Probe] = []
     loads = []
 
@@ -250,8 +268,8 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
         burst = workload(0.0, args.saturation_requests, args, "sat-")
         real = await run_real(engine, instance, burst)
         saturation = summarize(real)["throughput_rps"]
-        runs.append(("saturation", 0.0, 1.0, real,
-                     run_sim(cluster, profile, real_arrivals(real, burst))))
+        runs.append(simulated_run("saturation", 0.0, 1.0, real, real_arrivals(real, burst),
+                                  cluster, profile))
         print(f"saturation: {saturation:.2f} req/s", flush=True)
         rates = args.rates or [f * saturation for f in args.rate_fracs]
         for i, rate in enumerate(rates):
@@ -260,14 +278,14 @@ async def fidelity(args: argparse.Namespace) -> pd.DataFrame:
             before = os.getloadavg()[0]
             real = await run_real(engine, instance, reqs)
             loads.append((round(rate, 3), before, os.getloadavg()[0]))
-            sim = run_sim(cluster, profile, real_arrivals(real, reqs))
-            runs.append((f"poisson-{i}", rate, rate / saturation, real, sim))
+            runs.append(simulated_run(f"poisson-{i}", rate, rate / saturation, real,
+                                      real_arrivals(real, reqs), cluster, profile))
             print(f"rate {rate:.2f} req/s done", flush=True)
         await probe("end")
     finally:
         await engine.shutdown()
     meta = {"command": "python -m experiments.fidelity " + " ".join(sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": now_iso(),
             "args": {k: str(v) for k, v in vars(args).items()}, "load_before": load,
             "load_1min_per_run (rate, before, after)": loads,
             "profile_date": profile.provenance.get("date"),

@@ -268,6 +268,7 @@ def test_a_scaled_profile_prices_every_step_and_the_path_by_the_factor(batch: St
     assert (slow.ingress_s, slow.egress_s) == pytest.approx((0.0025, 0.00125))
     assert slow.coefficients["serving_engine_frac"] == SERVING["serving_engine_frac"]
     assert slow.provenance == {"source": "test", "scaled_by": 1.25}
+    assert slow.scaled(2.0).provenance["scaled_by"] == 2.5  # relative to the measured profile
     assert model.step_time_s(batch) == pytest.approx(_by_hand(ENGINE | SERVING, batch))
 
 
