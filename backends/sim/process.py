@@ -14,7 +14,7 @@ from backends.sim.faults import Fault
 from backends.sim.replica import SimReplica
 from backends.sim.request import SimRequest
 from backends.sim.step import StepOutcome, StepPlan
-from backends.sim.wakeup import WakeUp, call_later
+from backends.sim.wakeup import Scheduler, WakeUp
 from cpsim.backend import EngineEvents
 from cpsim.latency import request_path_s
 from cpsim.validation import check_choice
@@ -37,13 +37,15 @@ class ReplicaProcess:
     (a real engine finishes its step before admitting) and the run stops there.
 
     It is a state machine of event callbacks, not a generator process: each step, run or stall
-    is one SimPy wake-up (``wakeup.call_later``) whose callback applies it and starts what comes
-    next (about 10 % faster than resuming a process per event, with the same results).
+    is one wake-up (``wakeup.Scheduler.call_later``) whose callback applies it and starts what
+    comes next (about 10 % faster than resuming a process per event, with the same results).
 
     ``token_reports="finish"`` reports the first token at its exact time and then only
     ``on_finish``, which carries the output token count (cheap: no per-step calls);
     ``"step"`` also reports ``on_tokens`` after every step or run. ``use_decode_runs=False``
-    runs every step on its own (slower; the same results, for tests).
+    runs every step on its own (slower; the same results, for tests). ``clock``: the
+    environment's ``Scheduler`` (default: one on SimPy's own queue, so the environment may be
+    run as usual); a driver that runs it through a merged Scheduler passes that.
 
     The latency model's serving path (``cpsim.latency.request_path_s``) delays a submitted
     request's admission by ``ingress_s`` and every report to ``events`` by ``egress_s``, as
@@ -57,9 +59,13 @@ class ReplicaProcess:
         events: EngineEvents,
         token_reports: TokenReports = "finish",
         use_decode_runs: bool = True,
+        clock: Scheduler | None = None,
     ) -> None:
         check_choice("token_reports", token_reports, ("finish", "step"))
+        if clock is not None and clock.env is not env:
+            raise ValueError("clock is the Scheduler of another environment; it must be env's")
         self.env = env
+        self.clock = clock if clock is not None else Scheduler(env)
         self.replica = replica
         self.events = events
         self.instance_id = replica.instance_id
@@ -97,7 +103,7 @@ class ReplicaProcess:
             raise ValueError(f"a PREFILL request needs max_tokens=1, got {req.max_tokens}")
         if phase is Phase.DECODE and not req.prompt_cached:
             raise ValueError("a DECODE request needs prompt_cached=True (its KV is handed off)")
-        now = self.env.now
+        now = self.clock.now()
         reason = self._cannot_serve(req)
         if reason is not None:
             self.events.on_failure(req.request_id, self.instance_id, reason, now, not self.is_up)
@@ -107,7 +113,7 @@ class ReplicaProcess:
         self._phases[req.request_id] = phase
         if self._ingress_s > 0.0:
             self._arriving[req.request_id] = req
-            call_later(self.env, self._ingress_s, lambda _event: self._admit(req))
+            self.clock.call_later(self._ingress_s, lambda _event: self._admit(req))
             return
         self.replica.add_request(req)
         self._poke()
@@ -155,7 +161,7 @@ class ReplicaProcess:
 
     def snapshot(self, now: float | None = None) -> InstanceSnapshot:
         """What a scrape of the engine's metrics would show now."""
-        now = float(self.env.now if now is None else now)
+        now = float(self.clock.now() if now is None else now)
         rep = self.replica
         busy = self._busy_s
         if self._step_start_s is not None:
@@ -179,7 +185,7 @@ class ReplicaProcess:
 
     @property
     def is_stalled(self) -> bool:
-        return self.env.now < self._stalled_until_s
+        return self.clock.now() < self._stalled_until_s
 
     @property
     def slowdown(self) -> float:
@@ -191,31 +197,31 @@ class ReplicaProcess:
         the events already due now (so requests submitted together are scheduled together).
         A decode run whose step in flight ends later is cut at once instead (the same result
         without the extra event: nothing is decided before that step ends)."""
-        if self._state is _RUN and self._cut_run(self.env.now, tail_only=True):
+        if self._state is _RUN and self._cut_run(self.clock.now(), tail_only=True):
             return
         if not self._wake_due:
             self._wake_due = True
-            call_later(self.env, 0.0, self._on_wake)
+            self.clock.call_later(0.0, self._on_wake)
 
     def _on_wake(self, _event: WakeUp) -> None:
         self._wake_due = False
         state = self._state
         if state is _RUN:
-            self._cut_run(self.env.now)
+            self._cut_run(self.clock.now())
         elif state is not _BUSY:  # idle or stalled: decide again
-            self._next(self.env.now)
+            self._next(self.clock.now())
 
     # The clock is read once per wake-up and handed down as ``now`` (it cannot move within
     # one): ``Environment.now`` is a Python property, and was read ~18 times per request.
     def _wait(self, delay_s: float, then: Callable[[float], None]) -> None:
         """Work in flight for ``delay_s``; then (after any stall that began meanwhile) ``then``."""
-        self._pending = call_later(self.env, delay_s, self._on_pending)
+        self._pending = self.clock.call_later(delay_s, self._on_pending)
         self._then = then
 
     def _on_pending(self, event: WakeUp) -> None:
         if event is self._pending:  # else stale: cut short, or lost in a crash
             self._pending = None
-            self._work_done(self.env.now)
+            self._work_done(self.clock.now())
 
     def _work_done(self, now: float) -> None:
         debt = self._stall_debt_s
@@ -223,7 +229,7 @@ class ReplicaProcess:
             self._stall_debt_s = 0.0
             self._state = _BUSY
             if debt < _INF:
-                self._pending = call_later(self.env, debt, self._on_pending)
+                self._pending = self.clock.call_later(debt, self._on_pending)
             return  # a stall for good: only a crash ends it
         start = self._step_start_s
         if start is not None:
@@ -242,7 +248,7 @@ class ReplicaProcess:
         if now < self._stalled_until_s:
             self._state = _STALLED
             if self._stalled_until_s < _INF:
-                call_later(self.env, self._stalled_until_s - now, self._on_stall_end)
+                self.clock.call_later(self._stalled_until_s - now, self._on_stall_end)
             return
         horizon = rep.decode_horizon() if self.use_decode_runs else 0
         if horizon >= 2:
@@ -252,7 +258,7 @@ class ReplicaProcess:
 
     def _on_stall_end(self, _event: WakeUp) -> None:
         if self._state is _STALLED:
-            self._next(self.env.now)
+            self._next(self.clock.now())
 
     def _start_step(self, now: float) -> None:
         rep = self.replica
@@ -347,9 +353,9 @@ class ReplicaProcess:
 
             def deliver(_event: WakeUp) -> None:
                 if self.num_crashes == crashes:
-                    self._deliver(outcome, self.env.now)
+                    self._deliver(outcome, self.clock.now())
 
-            call_later(self.env, self._egress_s, deliver)
+            self.clock.call_later(self._egress_s, deliver)
 
     def _stamp(self, outcome: StepOutcome, now: float) -> None:
         """The engine's own times of the first tokens and finishes in ``outcome``."""
@@ -418,7 +424,7 @@ class ReplicaProcess:
         """Lose every request and the KV cache; the control plane hears it once."""
         if not self.is_up:
             return
-        now = self.env.now
+        now = self.clock.now()
         if self._step_start_s is not None:
             self._busy_s += now - self._step_start_s
             self._step_start_s = None
@@ -440,5 +446,5 @@ class ReplicaProcess:
         if self.is_up:
             return
         self.is_up = True
-        self.events.on_instance_recovered(self.instance_id, self.env.now)
+        self.events.on_instance_recovered(self.instance_id, self.clock.now())
         self._poke()
