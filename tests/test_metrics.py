@@ -94,3 +94,54 @@ def test_a_record_of_the_wrong_length_is_refused() -> None:
 def test_an_empty_store_gives_an_empty_frame_with_every_column() -> None:
     frame = RecordStore().frame()
     assert frame.empty and list(frame.columns) == list(RECORD_COLUMNS)
+
+
+def _expected(rows: list[tuple[Any, ...]], extras: list[dict[str, float]]) -> pd.DataFrame:
+    """The records as pandas builds them from the rows, column by column: the oracle."""
+    data: dict[str, Any] = {}
+    for k, name in enumerate(RECORD_COLUMNS):
+        values = [row[k] for row in rows]
+        if name in ("user_id", "priority", "status", "reason", "instance_id",
+                    "prefill_instance_id", "decode_instance_id", "policy"):
+            data[name] = pd.Series(values, dtype=object).astype("category")
+        elif name in ("num_prompt_tokens", "num_output_tokens", "attempts"):
+            data[name] = np.array(values, dtype=np.int64)
+        elif name in ("request_id", "slo_met"):
+            data[name] = values
+        else:
+            data[name] = np.array(values, dtype=np.float64)  # None is NaN
+    for name in ("num_preemptions", "num_prefix_hit_tokens"):
+        data[name] = np.array([e.get(name, math.nan) for e in extras], dtype=np.float64)
+    return pd.DataFrame(data)
+
+
+@pytest.mark.parametrize(("chunk_rows", "spill"), [(65_536, False), (1000, False), (999, True)])
+def test_records_equal_what_pandas_builds_from_the_rows(
+    chunk_rows: int, spill: bool, tmp_path: Path
+) -> None:
+    """Past the buffers' first capacity (1,024 rows), over chunk boundaries, with extras
+    that come and go, float columns given None, and categories first seen late."""
+    rows, extras = [], []
+    for i in range(2500):
+        row = list(_row(i, slo=None if i % 5 == 0 else 100 + i % 7,
+                        reason="boom" if i % 11 == 0 else None))
+        row[RECORD_COLUMNS.index("predicted_cost_usd")] = None if i % 2 else 0.5 * i
+        row[RECORD_COLUMNS.index("instance_id")] = f"gpu-{i // 600}"  # a new one every 600
+        rows.append(tuple(row))
+        extra = {"num_preemptions": float(i % 3)} if 700 <= i < 1800 else {}
+        if i % 4 == 0:
+            extra["num_prefix_hit_tokens"] = 16.0 * i
+        extras.append(extra)
+    store = RecordStore(chunk_rows=chunk_rows, spill_dir=tmp_path if spill else None)
+    for row, extra in zip(rows, extras, strict=True):
+        store.append(row, extra)
+    frame = store.frame()
+    expected = _expected(rows, extras)[list(frame.columns)]
+    pd.testing.assert_frame_equal(frame, expected)
+    assert frame["predicted_cost_usd"].isna().sum() == 1250
+    assert list(frame["instance_id"].cat.categories) == [f"gpu-{k}" for k in range(5)]
+
+
+def test_a_bad_chunk_size_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="chunk_rows"):
+        RecordStore(chunk_rows=0)
