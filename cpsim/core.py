@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from cpsim.instances import InstanceState
 from cpsim.metrics import MetricsCollector
@@ -85,6 +85,12 @@ class Abort(NamedTuple):
 
     request_id: str
     instance_id: str
+
+
+_ACCEPTED: Final = Admission(True)
+#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
+#: ``__new__`` is a Python function, several times dearer to call from compiled code.
+_new = tuple.__new__
 
 
 class ControlPlane:
@@ -171,12 +177,12 @@ class ControlPlane:
         if limit is not None and len(self._queue) >= limit:
             reason = f"queue full: {len(self._queue)} queued, max_queue_len={limit}"
             self._terminate(req, RequestStatus.REJECTED, now, reason)
-            return Admission(False, reason)
+            return _new(Admission, (False, reason))
         self._requests[rid] = req
         req.status = RequestStatus.QUEUED
         self._queue.append(req)
         self.metrics.on_arrival(now)
-        return Admission(True)
+        return _ACCEPTED
 
     def cancel(self, request_id: str, now: float) -> Abort | None:
         """Cancel a queued or running request. Returns the Abort a backend must carry out
@@ -386,7 +392,7 @@ class ControlPlane:
                 req.prefill_instance_id = iid
             elif phase is Phase.FULL:
                 req.decode_instance_id = None
-            out.append(Dispatch(rview.meta, iid, phase))
+            out.append(_new(Dispatch, (rview.meta, iid, phase, None)))
         if placed or rejected:
             if len(placed) == len(self._queue):
                 self._queue = []

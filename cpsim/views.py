@@ -18,6 +18,10 @@ from cpsim.types import (
     RequestPriority,
 )
 
+#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
+#: ``__new__`` is a Python function, several times dearer to call from compiled code.
+_new = tuple.__new__
+
 
 class Phase(enum.Enum):
     """What a dispatch asks an instance to do."""
@@ -45,19 +49,22 @@ class RequestView(NamedTuple):
 
     @classmethod
     def of(cls, meta: RequestMetadata, arrival_s: float, seq: int) -> RequestView:
-        return cls(
-            meta.request_id,
-            meta.user_id,
-            meta.priority,
-            arrival_s,
-            meta.prompt_tokens,
-            meta.max_tokens,
-            meta.slo_deadline_ms,
-            meta.cost_budget,
-            meta.model_name,
-            meta.parallelism_hint,
-            meta,
-            seq,
+        return _new(
+            cls,
+            (
+                meta.request_id,
+                meta.user_id,
+                meta.priority,
+                arrival_s,
+                meta.prompt_tokens,
+                meta.max_tokens,
+                meta.slo_deadline_ms,
+                meta.cost_budget,
+                meta.model_name,
+                meta.parallelism_hint,
+                meta,
+                seq,
+            ),
         )
 
     def deadline_s(self) -> float | None:

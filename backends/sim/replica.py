@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import numpy as np
 
@@ -24,6 +25,12 @@ from backends.sim.step import StepOutcome, StepPlan
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.types import DecodingConfig, ExecutionInstance, PrefillingConfig
 from cpsim.validation import check_non_negative, check_positive, check_range
+
+#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
+#: ``__new__`` is a Python function, several times dearer to call from compiled code.
+_new = tuple.__new__
+#: A decode run's outcome counts no tokens request by request (see StepOutcome).
+_NO_COUNTS: Final[MappingProxyType[str, int]] = MappingProxyType({})
 
 __all__ = ["ReplicaConfig", "SimReplica", "SimRequest"]
 
@@ -355,7 +362,7 @@ class SimReplica:
         for req in done:
             self._complete(req)
         self.num_steps += num_steps
-        return StepOutcome(num_steps, (), {}, tuple(done), (), bulk_ids, num_steps)
+        return _new(StepOutcome, (num_steps, (), _NO_COUNTS, tuple(done), (), bulk_ids, num_steps))
 
     def _complete(self, req: SimRequest) -> None:
         rid = req.request_id

@@ -11,6 +11,10 @@ from cpsim.latency import StepBatch
 if TYPE_CHECKING:
     from backends.sim.replica import SimReplica
 
+#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
+#: ``__new__`` is a Python function, several times dearer to call from compiled code.
+_new = tuple.__new__
+
 
 def schedule_step(rep: SimReplica) -> StepPlan:
     """One scheduling decision. Running requests first, in admission order, each getting its
@@ -55,7 +59,10 @@ def schedule_step(rep: SimReplica) -> StepPlan:
     if not preempted:
         _admit_waiting(rep, budget, chunks, new_ids)
     batch = _price_features(rep, chunks, len(bulk_ids))
-    return StepPlan(rep.num_steps, tuple(chunks), bulk_ids, tuple(new_ids), tuple(preempted), batch)
+    return _new(
+        StepPlan,
+        (rep.num_steps, tuple(chunks), bulk_ids, tuple(new_ids), tuple(preempted), batch),
+    )
 
 
 def _running_chunk(rep: SimReplica, req: SimRequest, budget: int) -> int:
@@ -209,8 +216,9 @@ def _price_features(
     if num_bulk:
         decode_seqs += num_bulk
         decode_context += rep._decode.next_context_tokens()
-    return StepBatch(
-        prefill_tokens, sum_sq, prefill_context, prefill_seqs, decode_seqs, decode_context
+    return _new(
+        StepBatch,
+        (prefill_tokens, sum_sq, prefill_context, prefill_seqs, decode_seqs, decode_context),
     )
 
 
@@ -247,8 +255,9 @@ def apply_step(rep: SimReplica, plan: StepPlan) -> StepOutcome:
             del rep._explicit[req.request_id]
             decode.enter(req)
     rep.num_steps += 1
-    return StepOutcome(
-        1, tuple(first), counts, tuple(finished), plan.preempted_ids, plan.bulk_decode_ids, 1
+    return _new(
+        StepOutcome,
+        (1, tuple(first), counts, tuple(finished), plan.preempted_ids, plan.bulk_decode_ids, 1),
     )
 
 
