@@ -9,6 +9,7 @@ already terminal (a late token after a cancel, say) are ignored.
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
@@ -549,3 +550,53 @@ class ControlPlane:
 
     def queued_views(self) -> list[RequestView]:
         return [r.view for r in self._queue]
+
+
+class ControlPlaneEvents:
+    """EngineEvents applied to a ControlPlane. ``on_change(now)`` runs after each event that
+    may free capacity or add work (a driver's dispatch pass); token events do not trigger it.
+    Events about an instance the control plane no longer knows are ignored."""
+
+    def __init__(self, core: ControlPlane, on_change: Callable[[float], None]) -> None:
+        self.core = core
+        self.on_change = on_change
+
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self.core.on_first_token(request_id, now, instance_id)
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self.core.on_tokens(request_id, num_tokens, now, instance_id)
+
+    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
+        self.core.on_prefill_done(request_id, now, instance_id)
+        self.on_change(now)
+
+    def on_finish(
+        self,
+        request_id: str,
+        instance_id: str,
+        num_output_tokens: int,
+        now: float,
+        extras: Mapping[str, float] | None = None,
+    ) -> None:
+        self.core.on_finish(request_id, now, num_output_tokens, instance_id, extras)
+        self.on_change(now)
+
+    def on_failure(
+        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
+    ) -> None:
+        self.core.on_failure(request_id, now, reason, retryable, instance_id)
+        self.on_change(now)
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        with contextlib.suppress(ValueError):
+            self.core.on_instance_failure(instance_id, now, reason)
+        self.on_change(now)
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        with contextlib.suppress(ValueError):
+            self.core.set_instance_health(instance_id, True)
+        self.on_change(now)
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self.core.on_instance_update(snapshot, now)
