@@ -89,6 +89,15 @@ class Abort(NamedTuple):
 
 
 _ACCEPTED: Final = Admission(True)
+# Enum members as constants: compiled code reads these directly, where ``Phase.DECODE`` is an
+# attribute lookup on the class at every use.
+_QUEUED: Final = RequestStatus.QUEUED
+_RUNNING: Final = RequestStatus.RUNNING
+_COMPLETED: Final = RequestStatus.COMPLETED
+_TERMINAL: Final = frozenset(status for status in RequestStatus if status.is_terminal)
+_FULL: Final = Phase.FULL
+_PREFILL: Final = Phase.PREFILL
+_DECODE: Final = Phase.DECODE
 #: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
 #: ``__new__`` is a Python function, several times dearer to call from compiled code.
 _new = tuple.__new__
@@ -116,10 +125,10 @@ class ControlPlane:
         self._handoffs: dict[str, RequestState] = {}
         self._instances: dict[str, InstanceState] = {}
         # what policies see, refreshed before a dispatch pass for the instances whose state
-        # changed since (``_stale``); ``_num_open`` of them have capacity
+        # changed since (``_stale``); those in ``_open`` have capacity
         self._views: dict[str, InstanceView] = {}
         self._stale: set[str] = set()
-        self._num_open = 0
+        self._open: set[str] = set()
         self._seq = 0
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
@@ -139,7 +148,8 @@ class ControlPlane:
         affected = self._evict(inst, now, f"instance {instance_id} {reason}")
         del self._instances[instance_id]
         self._stale.discard(instance_id)
-        self._num_open -= self._views.pop(instance_id).has_capacity
+        del self._views[instance_id]
+        self._open.discard(instance_id)
         self.metrics.on_instance_removed(instance_id, now)
         return affected
 
@@ -162,7 +172,12 @@ class ControlPlane:
         return [inst.view() for inst in self._instances.values()]
 
     def instances(self) -> list[ExecutionInstance]:
-        return [inst.instance for inst in self._instances.values()]
+        """The registered instances, each with its ``current_load`` as of now."""
+        out = []
+        for inst in self._instances.values():
+            inst.instance.current_load = inst.load_frac()
+            out.append(inst.instance)
+        return out
 
     def instance_state(self, instance_id: str) -> InstanceState:
         return self._instance(instance_id)
@@ -180,7 +195,7 @@ class ControlPlane:
             self._terminate(req, RequestStatus.REJECTED, now, reason)
             return _new(Admission, (False, reason))
         self._requests[rid] = req
-        req.status = RequestStatus.QUEUED
+        req.status = _QUEUED
         self._queue.append(req)
         self.metrics.on_arrival(now)
         return _ACCEPTED
@@ -190,7 +205,7 @@ class ControlPlane:
         when the request was on an instance. Unknown or finished ids raise ValueError."""
         req = self._active(request_id)
         abort = None
-        if req.status is RequestStatus.QUEUED:
+        if req.status is _QUEUED:
             self._remove_queued(req)
         elif req.instance_id is not None:
             abort = Abort(request_id, req.instance_id)
@@ -213,7 +228,7 @@ class ControlPlane:
         another instance since, or its prefill is done and it waits for a decode instance
         (then only a failure of the prefill instance still concerns it: ``handoff_ok``)."""
         req = self._requests.get(request_id)
-        if req is None or req.status is not RequestStatus.RUNNING:
+        if req is None or req.status is not _RUNNING:
             return None
         if instance_id is not None and req.instance_id != instance_id:
             return None
@@ -247,10 +262,10 @@ class ControlPlane:
     def on_prefill_done(self, request_id: str, now: float, instance_id: str | None = None) -> None:
         """A PREFILL dispatch finished: the request waits for a decode instance."""
         req = self._running(request_id, instance_id)
-        if req is None or req.phase is not Phase.PREFILL:
+        if req is None or req.phase is not _PREFILL:
             return
         req.prefill_done_s = now
-        req.phase = Phase.DECODE
+        req.phase = _DECODE
         self._handoffs[request_id] = req
 
     def on_finish(
@@ -278,7 +293,7 @@ class ControlPlane:
         if inst is not None:
             inst.on_complete(req, now)
         self._release(req, now)
-        self._terminate(req, RequestStatus.COMPLETED, now, "")
+        self._terminate(req, _COMPLETED, now, "")
 
     def on_failure(
         self,
@@ -301,7 +316,7 @@ class ControlPlane:
         for rid in ids:
             req = self._requests[rid]
             self._release(req, now)
-            if req.status is RequestStatus.QUEUED:
+            if req.status is _QUEUED:
                 self._remove_queued(req)
             self._terminate(req, RequestStatus.CANCELLED, now, reason)
         return ids
@@ -319,7 +334,7 @@ class ControlPlane:
         if self._handoffs:
             self._dispatch_handoffs(views, now, out)
             self._fresh_views()  # the policy orders the queue on views after the hand-offs
-        if self._queue and self._num_open:
+        if self._queue and self._open:
             self._dispatch_queue(views, now, out)
         return out
 
@@ -332,26 +347,28 @@ class ControlPlane:
         return self._views
 
     def _refresh_view(self, instance_id: str) -> None:
-        """Rebuild one instance's view and keep ``_num_open`` in step with it."""
-        new = self._instances[instance_id].view()
-        old = self._views.get(instance_id)
-        self._num_open += new.has_capacity - (old is not None and old.has_capacity)
-        self._views[instance_id] = new
+        """Rebuild one instance's view and keep ``_open`` in step with it."""
+        inst = self._instances[instance_id]
+        self._views[instance_id] = inst.view()
+        if inst.has_capacity():
+            self._open.add(instance_id)
+        else:
+            self._open.discard(instance_id)
 
     def _dispatch_handoffs(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
         for req in list(self._handoffs.values()):
             self._fresh_views()  # the instance of the last hand-off placed
-            cands = self._candidates(req.view, Phase.DECODE, views)
+            cands = self._candidates(req.view, _DECODE, views)
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
                 continue
             source = req.instance_id
             self._release(req, now)
-            self._assign(req, choice.instance_id, Phase.DECODE, now)
+            self._assign(req, choice.instance_id, _DECODE, now)
             req.decode_instance_id = choice.instance_id
-            out.append(Dispatch(req.view.meta, choice.instance_id, Phase.DECODE, source))
+            out.append(Dispatch(req.view.meta, choice.instance_id, _DECODE, source))
 
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
@@ -361,14 +378,14 @@ class ControlPlane:
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
-            if self._num_open == 0:
+            if not self._open:
                 break
             self._fresh_views()  # the instance of the last placement: the next one must see it
             req = requests[rview.request_id]
             phase = self._phase_for(rview, views, now)
             cands = self._candidates(rview, phase, views)
-            if not cands and phase is Phase.PREFILL:
-                phase, cands = Phase.FULL, self._candidates(rview, Phase.FULL, views)
+            if not cands and phase is _PREFILL:
+                phase, cands = _FULL, self._candidates(rview, _FULL, views)
             if not cands:
                 continue
             placement = policy.place(rview, cands, router, now)
@@ -389,9 +406,9 @@ class ControlPlane:
             req.policy_used = placement.policy or policy.name
             placed.add(rview.request_id)
             self._assign(req, iid, phase, now)
-            if phase is Phase.PREFILL:
+            if phase is _PREFILL:
                 req.prefill_instance_id = iid
-            elif phase is Phase.FULL:
+            elif phase is _FULL:
                 req.decode_instance_id = None
             out.append(_new(Dispatch, (rview.meta, iid, phase, None)))
         if placed or rejected:
@@ -405,20 +422,20 @@ class ControlPlane:
 
     def _phase_for(self, rview: RequestView, views: dict[str, InstanceView], now: float) -> Phase:
         if self.pd_policy is None:
-            return Phase.FULL
+            return _FULL
         return (
-            Phase.PREFILL
+            _PREFILL
             if self.pd_policy.disaggregate(rview, list(views.values()), now)
-            else Phase.FULL
+            else _FULL
         )
 
     def _types_for(
         self, phase: Phase, views: dict[str, InstanceView]
     ) -> tuple[ExecutionInstanceType, ...] | None:
         """Instance types that may serve ``phase`` (None: any, when PD is off)."""
-        if self.pd_policy is None and phase is not Phase.DECODE:
+        if self.pd_policy is None and phase is not _DECODE:
             return None
-        if phase is Phase.DECODE and any(
+        if phase is _DECODE and any(
             v.is_healthy and v.instance_type is ExecutionInstanceType.DECODING
             for v in views.values()
         ):
@@ -449,10 +466,10 @@ class ControlPlane:
         now: float,
     ) -> None:
         inst = self._instances[instance_id]
-        req.status = RequestStatus.RUNNING
+        req.status = _RUNNING
         req.phase = phase
         req.instance_id = instance_id
-        if phase is not Phase.DECODE:  # a hand-off continues the same attempt
+        if phase is not _DECODE:  # a hand-off continues the same attempt
             req.attempts += 1
         if req.dispatch_s is None:
             req.dispatch_s = now
@@ -484,7 +501,7 @@ class ControlPlane:
         if not can_retry:
             self._terminate(req, RequestStatus.FAILED, now, reason)
             return
-        req.status = RequestStatus.QUEUED
+        req.status = _QUEUED
         req.phase = None
         req.instance_id = None
         req.prefill_instance_id = None
@@ -504,13 +521,13 @@ class ControlPlane:
         self._queue.remove(req)
 
     def _terminate(self, req: RequestState, status: RequestStatus, now: float, reason: str) -> None:
-        assert not req.status.is_terminal, f"{req.view.request_id} is already {req.status.name}"
+        assert req.status not in _TERMINAL, f"{req.view.request_id} is already {req.status.name}"
         req.status = status
         req.finish_s = now
         req.reason = reason
         self._requests.pop(req.view.request_id, None)
         slo_met = self.metrics.on_terminal(req, self._instances)
-        if status is RequestStatus.COMPLETED:
+        if status is _COMPLETED:
             self.policy.observe(req.view, slo_met, now)
         for listener in self.terminal_listeners:
             listener(req)

@@ -171,13 +171,19 @@ class InstanceState:
         span = now - self.registered_s
         return self.busy_s / span if span > 0 else 0.0
 
+    def load_frac(self) -> float:
+        return len(self.in_flight) / self._max_concurrent
+
+    def has_capacity(self) -> bool:
+        """``InstanceView.has_capacity`` of the view as it would be built now."""
+        return bool(self.instance.is_healthy) and len(self.in_flight) < self._max_concurrent
+
     # -- what policies see -------------------------------------------------------
     def view(self) -> InstanceView:
         view = self._view
         if view is None:
             n = len(self.in_flight)
             instance = self.instance
-            instance.current_load = n / self._max_concurrent
             head, tail = self._head, self._tail
             view = self._view = _new_view(
                 InstanceView,

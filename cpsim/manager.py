@@ -223,7 +223,6 @@ class ControlPlaneManager:
         return True
 
     async def get_instances(self) -> list[ExecutionInstance]:
-        self.core.instance_views()  # building the views refreshes each current_load
         return self.core.instances()
 
     async def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:

@@ -225,8 +225,9 @@ class PDSeparationConfig:
 class ExecutionInstance:
     """An engine instance (one vLLM server or engine) the control plane can route to.
 
-    ``current_load`` (fraction of ``max_concurrent_requests`` in flight) and ``is_healthy``
-    are live fields, kept up to date by the control plane; the rest is static description.
+    ``current_load`` (fraction of ``max_concurrent_requests`` in flight, set when the
+    control plane lists its instances: ``get_instances``) and ``is_healthy`` are live
+    fields, kept up to date by the control plane; the rest is static description.
     ``gpu_count`` defaults to tp x pp x dp.
     """
 
