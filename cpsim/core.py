@@ -26,7 +26,7 @@ from cpsim.types import (
     RequestStatus,
 )
 from cpsim.validation import check_choice, check_non_negative, check_positive
-from cpsim.views import InstanceSnapshot, InstanceView, Phase, RequestView
+from cpsim.views import InstanceSnapshot, InstanceView, Phase, RequestView, new_namedtuple
 
 FailureAction = Literal["requeue", "fail"]
 FAILURE_ACTIONS = ("requeue", "fail")
@@ -98,9 +98,6 @@ _TERMINAL: Final = frozenset(status for status in RequestStatus if status.is_ter
 _FULL: Final = Phase.FULL
 _PREFILL: Final = Phase.PREFILL
 _DECODE: Final = Phase.DECODE
-#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
-#: ``__new__`` is a Python function, several times dearer to call from compiled code.
-_new = tuple.__new__
 
 
 class ControlPlane:
@@ -193,7 +190,7 @@ class ControlPlane:
         if limit is not None and len(self._queue) >= limit:
             reason = f"queue full: {len(self._queue)} queued, max_queue_len={limit}"
             self._terminate(req, RequestStatus.REJECTED, now, reason)
-            return _new(Admission, (False, reason))
+            return new_namedtuple(Admission, (False, reason))
         self._requests[rid] = req
         req.status = _QUEUED
         self._queue.append(req)
@@ -410,7 +407,7 @@ class ControlPlane:
                 req.prefill_instance_id = iid
             elif phase is _FULL:
                 req.decode_instance_id = None
-            out.append(_new(Dispatch, (rview.meta, iid, phase, None)))
+            out.append(new_namedtuple(Dispatch, (rview.meta, iid, phase, None)))
         if placed or rejected:
             if len(placed) == len(self._queue):
                 self._queue = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cpsim.requests import RequestState
 from cpsim.types import ExecutionInstance, ExecutionInstanceType
-from cpsim.views import InstanceSnapshot, InstanceView, Phase
+from cpsim.views import InstanceSnapshot, InstanceView, Phase, new_namedtuple
 
 #: Weight of the newest sample in the recent TTFT/TPOT moving averages.
 EWMA_ALPHA = 0.2
@@ -14,10 +14,6 @@ def _ewma(old: float | None, sample: float) -> float:
     return sample if old is None else old + EWMA_ALPHA * (sample - old)
 
 
-#: ``InstanceView`` built from its 20 fields as one tuple, without the NamedTuple's
-#: generated ``__new__`` (a Python function taking 20 arguments): a view is rebuilt about
-#: three times per simulated request, and this is several times cheaper.
-_new_view = tuple.__new__
 
 _Head = tuple[str, str, ExecutionInstanceType]
 _Tail = tuple[int, int, int, int, int, str, float, float]
@@ -185,7 +181,7 @@ class InstanceState:
             n = len(self.in_flight)
             instance = self.instance
             head, tail = self._head, self._tail
-            view = self._view = _new_view(
+            view = self._view = new_namedtuple(  # rebuilt ~3 times a request
                 InstanceView,
                 (
                     head[0],

@@ -18,9 +18,10 @@ from cpsim.types import (
     RequestPriority,
 )
 
-#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
-#: ``__new__`` is a Python function, several times dearer to call from compiled code.
-_new = tuple.__new__
+#: ``new_namedtuple(Cls, (every field, in order))`` builds a NamedTuple without its generated
+#: ``__new__``, a Python function several times dearer to call from compiled code. The
+#: simulator's hot path builds its views, step plans and outcomes this way.
+new_namedtuple = tuple.__new__
 
 
 class Phase(enum.Enum):
@@ -49,7 +50,7 @@ class RequestView(NamedTuple):
 
     @classmethod
     def of(cls, meta: RequestMetadata, arrival_s: float, seq: int) -> RequestView:
-        return _new(
+        return new_namedtuple(
             cls,
             (
                 meta.request_id,

@@ -18,14 +18,13 @@ from backends.sim.wakeup import Scheduler, WakeUp
 from cpsim.backend import EngineEvents
 from cpsim.latency import request_path_s
 from cpsim.validation import check_choice
-from cpsim.views import InstanceSnapshot, Phase
+from cpsim.views import InstanceSnapshot, Phase, new_namedtuple
 
 TokenReports = Literal["finish", "step"]
 _INF = math.inf
 # driver states: no work (or down); stalled; one step or the end of a run in flight; a decode
 # run in flight (a wake-up cuts it short)
 _IDLE, _STALLED, _BUSY, _RUN = "idle", "stalled", "busy", "run"
-_new_snapshot = tuple.__new__
 
 
 class ReplicaProcess:
@@ -167,9 +166,8 @@ class ReplicaProcess:
         if self._step_start_s is not None:
             busy += now - self._step_start_s
         elapsed = now - self._start_s
-        # One tuple, in InstanceSnapshot's field order (the NamedTuple's keyword __new__ is a
-        # Python function; a simulation takes a snapshot per replica per scrape).
-        return _new_snapshot(
+        # a simulation takes a snapshot per replica per scrape
+        return new_namedtuple(
             InstanceSnapshot,
             (
                 self.instance_id,

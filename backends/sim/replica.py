@@ -25,10 +25,8 @@ from backends.sim.step import StepOutcome, StepPlan
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.types import DecodingConfig, ExecutionInstance, PrefillingConfig
 from cpsim.validation import check_non_negative, check_positive, check_range
+from cpsim.views import new_namedtuple
 
-#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
-#: ``__new__`` is a Python function, several times dearer to call from compiled code.
-_new = tuple.__new__
 #: A decode run's outcome counts no tokens request by request (see StepOutcome).
 _NO_COUNTS: Final[MappingProxyType[str, int]] = MappingProxyType({})
 
@@ -362,7 +360,8 @@ class SimReplica:
         for req in done:
             self._complete(req)
         self.num_steps += num_steps
-        return _new(StepOutcome, (num_steps, (), _NO_COUNTS, tuple(done), (), bulk_ids, num_steps))
+        outcome = (num_steps, (), _NO_COUNTS, tuple(done), (), bulk_ids, num_steps)
+        return new_namedtuple(StepOutcome, outcome)
 
     def _complete(self, req: SimRequest) -> None:
         rid = req.request_id

@@ -7,13 +7,10 @@ from typing import TYPE_CHECKING
 from backends.sim.request import RUNNING, SimRequest
 from backends.sim.step import StepOutcome, StepPlan
 from cpsim.latency import StepBatch
+from cpsim.views import new_namedtuple
 
 if TYPE_CHECKING:
     from backends.sim.replica import SimReplica
-
-#: NamedTuples are built from all their fields with ``tuple.__new__``: their generated
-#: ``__new__`` is a Python function, several times dearer to call from compiled code.
-_new = tuple.__new__
 
 
 def schedule_step(rep: SimReplica) -> StepPlan:
@@ -59,7 +56,7 @@ def schedule_step(rep: SimReplica) -> StepPlan:
     if not preempted:
         _admit_waiting(rep, budget, chunks, new_ids)
     batch = _price_features(rep, chunks, len(bulk_ids))
-    return _new(
+    return new_namedtuple(
         StepPlan,
         (rep.num_steps, tuple(chunks), bulk_ids, tuple(new_ids), tuple(preempted), batch),
     )
@@ -216,7 +213,7 @@ def _price_features(
     if num_bulk:
         decode_seqs += num_bulk
         decode_context += rep._decode.next_context_tokens()
-    return _new(
+    return new_namedtuple(
         StepBatch,
         (prefill_tokens, sum_sq, prefill_context, prefill_seqs, decode_seqs, decode_context),
     )
@@ -255,7 +252,7 @@ def apply_step(rep: SimReplica, plan: StepPlan) -> StepOutcome:
             del rep._explicit[req.request_id]
             decode.enter(req)
     rep.num_steps += 1
-    return _new(
+    return new_namedtuple(
         StepOutcome,
         (1, tuple(first), counts, tuple(finished), plan.preempted_ids, plan.bulk_decode_ids, 1),
     )
