@@ -71,18 +71,23 @@ _BOOLS: Final = np.array([None, False, True], dtype=object)  # slo_met by its co
 _FIRST_CAPACITY: Final = 1024  # rows; buffers double up to the chunk size
 
 
-def _categorical(codes: np.ndarray, values: list[Any]) -> pd.Categorical:
-    """A chunk's categorical column from codes into ``values`` (-1: missing), with its
-    categories sorted, as ``pd.Categorical(list)`` would give them."""
+def _sorted_categories(values: list[Any]) -> list[Any]:
+    """Categories in the order ``pd.Categorical(list)`` gives them: sorted, or in their order
+    of first appearance where they do not sort."""
     try:
-        order = sorted(range(len(values)), key=values.__getitem__)
-    except TypeError:  # values that do not sort keep their order of first appearance
-        order = list(range(len(values)))
-    rank = np.empty(len(values) + 1, dtype=np.int64)
-    rank[np.array(order, dtype=np.int64)] = np.arange(len(values), dtype=np.int64)
-    rank[-1] = -1  # code -1 stays missing
-    categories: Any = pd.Index([values[k] for k in order])
-    column: pd.Categorical = pd.Categorical.from_codes(rank[codes], categories)
+        return sorted(values)
+    except TypeError:
+        return values
+
+
+def _categorical(codes: np.ndarray, values: list[Any]) -> pd.Categorical:
+    """A chunk's categorical column from codes into ``values`` (-1: missing)."""
+    categories = _sorted_categories(values)
+    position = {value: k for k, value in enumerate(categories)}
+    # code -> position among the sorted categories; the last entry keeps -1 missing
+    rank = np.array([position[value] for value in values] + [-1], dtype=np.int64)
+    index: Any = pd.Index(categories)
+    column: pd.Categorical = pd.Categorical.from_codes(rank[codes], index)
     return column
 
 
@@ -242,17 +247,10 @@ class RecordStore:
         # the union of the chunks' categories, sorted: pd.concat keeps equal categoricals
         for name in _CATEGORICAL:
             if name in parts[0]:
-                cats = _sorted_union([p[name].cat.categories for p in parts])
+                seen = dict.fromkeys(v for p in parts for v in p[name].cat.categories)
+                cats = _sorted_categories(list(seen))
                 parts = [p.assign(**{name: p[name].cat.set_categories(cats)}) for p in parts]
         return pd.concat(parts, ignore_index=True)
-
-
-def _sorted_union(indexes: list[pd.Index]) -> list[Any]:
-    values = list(dict.fromkeys(v for index in indexes for v in index))
-    try:
-        return sorted(values)
-    except TypeError:
-        return values
 
 
 class MetricsCollector:
