@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
 from cpsim.instances import InstanceState
+from cpsim.latency import ObservedLatencyModel
 from cpsim.metrics import MetricsCollector
-from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import LatencyModel, PDPolicy, Router, SchedulingPolicy
 from cpsim.requests import RequestState
 from cpsim.types import (
     ExecutionInstance,
@@ -110,12 +111,16 @@ class ControlPlane:
         pd_policy: PDPolicy | None = None,
         config: ControlPlaneConfig | None = None,
         metrics: MetricsCollector | None = None,
+        latency_model: LatencyModel | None = None,
     ) -> None:
         self.policy = policy
         self.router = router
         self.pd_policy = pd_policy
         self.config = config or ControlPlaneConfig()
         self.metrics = metrics or MetricsCollector()
+        #: Predicts the TPOT a new decode would get, for decode targets (``_within_targets``).
+        self.latency_model: LatencyModel = latency_model or ObservedLatencyModel()
+        self._tpot_targets: dict[str, float] = {}  # DecodingConfig.target_latency_ms by id
         self._requests: dict[str, RequestState] = {}
         self._queue: list[RequestState] = []  # kept in arrival order (seq)
         # prefilled, waiting for a decode instance (by id, in order); still on the prefill one
@@ -136,6 +141,8 @@ class ControlPlane:
         if instance.instance_id in self._instances:
             raise ValueError(f"instance_id={instance.instance_id!r} is already registered")
         self._instances[instance.instance_id] = InstanceState(instance, now, self._stale)
+        if instance.target_tpot_ms is not None:
+            self._tpot_targets[instance.instance_id] = instance.target_tpot_ms
         self._refresh_view(instance.instance_id)
         self.metrics.on_instance_added(instance, now)
 
@@ -144,6 +151,7 @@ class ControlPlane:
         inst = self._instance(instance_id)
         affected = self._evict(inst, now, f"instance {instance_id} {reason}")
         del self._instances[instance_id]
+        self._tpot_targets.pop(instance_id, None)
         self._stale.discard(instance_id)
         del self._views[instance_id]
         self._open.discard(instance_id)
@@ -445,7 +453,7 @@ class ControlPlane:
         model = rview.model_name
         types = self._types_for(phase, views)
         # ``v.has_capacity``, inlined (a property call per instance per request adds up)
-        return [
+        cands = [
             v
             for v in views.values()
             if v.is_healthy
@@ -453,6 +461,22 @@ class ControlPlane:
             and (model is None or v.model_name == model)
             and (types is None or v.instance_type in types)
         ]
+        if self._tpot_targets and phase is not _PREFILL and len(cands) > 1:
+            return self._within_targets(rview, cands)
+        return cands
+
+    def _within_targets(
+        self, rview: RequestView, cands: list[InstanceView]
+    ) -> list[InstanceView]:
+        """A new decode goes to no instance whose predicted TPOT is above its
+        ``DecodingConfig.target_latency_ms`` while another candidate is within its own (or
+        has none); when every candidate is above, all of them stay candidates."""
+        within = []
+        for v in cands:
+            target = self._tpot_targets.get(v.instance_id)
+            if target is None or self.latency_model.predict(rview, v).tpot_s * 1000.0 <= target:
+                within.append(v)
+        return within or cands
 
     # ------------------------------------------------------------------ internals
     def _assign(

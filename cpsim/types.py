@@ -24,6 +24,12 @@ class RequestPriority(enum.IntEnum):
     NORMAL = 2
     LOW = 3
 
+    def __str__(self) -> str:  # "RequestPriority.HIGH", not "1"
+        return f"RequestPriority.{self.name}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
 
 class RequestStatus(enum.IntEnum):
     """Lifecycle states, ordered so that ``status >= COMPLETED`` means finished."""
@@ -40,6 +46,12 @@ class RequestStatus(enum.IntEnum):
     def is_terminal(self) -> bool:
         return self >= RequestStatus.COMPLETED
 
+    def __str__(self) -> str:  # "RequestStatus.RUNNING", as the seed prints it, not "2"
+        return f"RequestStatus.{self.name}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
 
 class ExecutionInstanceType(enum.Enum):
     GENERAL = "general"
@@ -48,11 +60,18 @@ class ExecutionInstanceType(enum.Enum):
 
 
 class ParallelismType(enum.Enum):
+    """``TP``, ``PP``, ``DP`` and ``EP`` are aliases (the seed writes ``ParallelismType.TP``):
+    the same members, so ``ParallelismType.TP is ParallelismType.TENSOR_PARALLEL``."""
+
     TENSOR_PARALLEL = "tensor_parallel"
     PIPELINE_PARALLEL = "pipeline_parallel"
     DATA_PARALLEL = "data_parallel"
     EXPERT_PARALLEL = "expert_parallel"
     HYBRID = "hybrid"
+    TP = "tensor_parallel"
+    PP = "pipeline_parallel"
+    DP = "data_parallel"
+    EP = "expert_parallel"
 
 
 def coerce_enum(cls: type[E], value: Any, field_name: str) -> E:
@@ -150,15 +169,30 @@ class RequestMetadata:
         return int(self.num_prompt_tokens or 0)
 
 
+#: vLLM's default ``max_num_seqs``: an instance's sequence limit when its configs set none.
+DEFAULT_MAX_NUM_SEQS: Final = 256
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillingConfig:
-    """Engine settings of a prefill-serving instance (vLLM scheduler knobs)."""
+    """Engine settings of a prefill-serving instance.
 
-    max_num_batched_tokens: int = 8192
+    The seed's fields come first, in its order: ``target_batch_size`` is the most sequences
+    the engine batches (vLLM's ``max_num_seqs``; None: vLLM's default, 256);
+    ``tensor_parallel_size``, when given, must equal the instance's (None: the instance's);
+    ``enable_chunked_prefill`` as vLLM's. The rest are further vLLM scheduler knobs."""
+
+    target_batch_size: int | None = None
+    tensor_parallel_size: int | None = None
     enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = 8192
     long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
+        if self.target_batch_size is not None:
+            check_positive("target_batch_size", self.target_batch_size, integer=True)
+        if self.tensor_parallel_size is not None:
+            check_positive("tensor_parallel_size", self.tensor_parallel_size, integer=True)
         check_positive("max_num_batched_tokens", self.max_num_batched_tokens, integer=True)
         check_non_negative(
             "long_prefill_token_threshold", self.long_prefill_token_threshold, integer=True
@@ -167,14 +201,24 @@ class PrefillingConfig:
 
 @dataclass(frozen=True, slots=True)
 class DecodingConfig:
-    """Engine settings of a decode-serving instance (vLLM scheduler knobs)."""
+    """Engine settings of a decode-serving instance.
 
-    max_num_seqs: int = 256
+    The seed's fields come first, in its order: ``target_latency_ms`` is the TPOT the
+    instance should keep (the control plane sends no new decode to it while its predicted
+    TPOT is above this and another candidate's is not; None: no target);
+    ``max_parallel_requests`` is the most sequences the engine runs at once (vLLM's
+    ``max_num_seqs``; None: vLLM's default, 256). The rest are further vLLM knobs."""
+
+    target_latency_ms: float | None = None
+    max_parallel_requests: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        check_positive("max_num_seqs", self.max_num_seqs, integer=True)
+        if self.target_latency_ms is not None:
+            check_positive("target_latency_ms", self.target_latency_ms)
+        if self.max_parallel_requests is not None:
+            check_positive("max_parallel_requests", self.max_parallel_requests, integer=True)
         check_positive("block_size", self.block_size, integer=True)
 
 
@@ -279,6 +323,41 @@ class ExecutionInstance:
             self.prefilling_config = PrefillingConfig()
         if self.decoding_config is None:
             self.decoding_config = DecodingConfig()
+        prefill_tp = self.prefilling_config.tensor_parallel_size
+        if prefill_tp is not None and prefill_tp != self.tensor_parallel_size:
+            raise ValueError(
+                f"prefilling_config.tensor_parallel_size={prefill_tp} disagrees with the "
+                f"instance's tensor_parallel_size={self.tensor_parallel_size} "
+                f"(instance_id={self.instance_id!r}); allowed: {self.tensor_parallel_size} "
+                f"or None"
+            )
+
+    @property
+    def max_num_seqs(self) -> int:
+        """The engine's sequence limit (vLLM's ``max_num_seqs``): the prefilling config's
+        ``target_batch_size`` on a PREFILLING instance, the decoding config's
+        ``max_parallel_requests`` on a DECODING one (each falling back on the other), the
+        smaller of those given on a GENERAL one; 256 when none is; never above
+        ``max_concurrent_requests``."""
+        assert self.prefilling_config is not None and self.decoding_config is not None
+        batch = self.prefilling_config.target_batch_size
+        parallel = self.decoding_config.max_parallel_requests
+        if self.instance_type is ExecutionInstanceType.PREFILLING:
+            limit = batch if batch is not None else parallel
+        elif self.instance_type is ExecutionInstanceType.DECODING:
+            limit = parallel if parallel is not None else batch
+        else:
+            given = [n for n in (batch, parallel) if n is not None]
+            limit = min(given) if given else None
+        if limit is None:
+            limit = DEFAULT_MAX_NUM_SEQS
+        return min(limit, self.max_concurrent_requests)
+
+    @property
+    def target_tpot_ms(self) -> float | None:
+        """The decoding config's ``target_latency_ms`` (None: no target)."""
+        assert self.decoding_config is not None
+        return self.decoding_config.target_latency_ms
 
     @property
     def endpoint(self) -> str:

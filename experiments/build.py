@@ -79,7 +79,7 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                         enable_chunked_prefill=replica.get("enable_chunked_prefill", True),
                     ),
                     decoding_config=DecodingConfig(
-                        max_num_seqs=replica.get("max_num_seqs", 256),
+                        max_parallel_requests=replica.get("max_num_seqs", 256),
                         block_size=replica.get("block_size", 16),
                         enable_prefix_caching=replica.get("enable_prefix_caching", True),
                     ),

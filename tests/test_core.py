@@ -11,8 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from cpsim import (
     ControlPlane,
     ControlPlaneConfig,
+    DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,
+    LatencyEstimate,
     Phase,
     RequestMetadata,
     RequestStatus,
@@ -54,6 +56,57 @@ def test_dispatch_respects_capacity_and_health() -> None:
     assert [(d.request_id, d.instance_id) for d in cp.dispatch(0.1)] == [("r2", "b")]
     cp.on_finish("r0", 1.0, 4)
     assert [d.request_id for d in cp.dispatch(1.0)] == ["r3"]
+
+
+class FixedTPOT:
+    """A latency model for tests: each instance's TPOT as given, in ms."""
+
+    def __init__(self, tpot_ms: dict[str, float]) -> None:
+        self.tpot_ms = tpot_ms
+
+    def predict(self, request, instance) -> LatencyEstimate:  # type: ignore[no-untyped-def]
+        return LatencyEstimate(ttft_s=0.1, tpot_s=self.tpot_ms[instance.instance_id] / 1000.0)
+
+
+def decode_instance(iid: str, target_ms: float | None) -> ExecutionInstance:
+    return ExecutionInstance(
+        iid,
+        instance_type=ExecutionInstanceType.DECODING,
+        decoding_config=DecodingConfig(target_latency_ms=target_ms, max_parallel_requests=200),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tpot_ms", "expected"),
+    [
+        ({"slow": 80.0, "fast": 20.0, "free": 90.0}, {"fast", "free"}),  # free has no target
+        ({"slow": 80.0, "fast": 70.0, "free": 90.0}, {"free"}),
+    ],
+)
+def test_a_decode_instance_over_its_tpot_target_gets_no_new_decode(
+    tpot_ms: dict[str, float], expected: set[str]
+) -> None:
+    cp = ControlPlane(
+        SCHEDULING_POLICIES["fifo"](), ROUTERS["round_robin"](), latency_model=FixedTPOT(tpot_ms)
+    )
+    for iid, target in (("slow", 50.0), ("fast", 50.0), ("free", None)):
+        cp.add_instance(decode_instance(iid, target), 0.0)
+    for i in range(6):
+        cp.on_arrival(req(f"r{i}"), 0.0)
+    assert {d.instance_id for d in cp.dispatch(0.0)} == expected
+
+
+def test_when_every_decode_instance_is_over_its_target_all_stay_candidates() -> None:
+    cp = ControlPlane(
+        SCHEDULING_POLICIES["fifo"](),
+        ROUTERS["round_robin"](),
+        latency_model=FixedTPOT({"a": 80.0, "b": 60.0}),
+    )
+    cp.add_instance(decode_instance("a", 50.0), 0.0)
+    cp.add_instance(decode_instance("b", 50.0), 0.0)
+    for i in range(4):
+        cp.on_arrival(req(f"r{i}"), 0.0)
+    assert {d.instance_id for d in cp.dispatch(0.0)} == {"a", "b"}
 
 
 def test_model_name_must_match() -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from backends.sim.replica import ReplicaConfig
+from backends.vllm.engine_args import instance_engine_args
 from cpsim import (
     ControlPlane,
     ControlPlaneConfig,
+    DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,
     ParallelismType,
     PDSeparationConfig,
+    PrefillingConfig,
     RequestMetadata,
     RequestPriority,
     RequestStatus,
@@ -118,3 +124,61 @@ def test_duplicate_ids_rejected() -> None:
         cp.on_arrival(RequestMetadata("r"), 0.0)
     with pytest.raises(ValueError, match="instance_id='zz' is not registered; registered: a"):
         cp.remove_instance("zz", 0.0)
+
+
+def test_parallelism_type_short_names_are_aliases() -> None:
+    assert ParallelismType.TP is ParallelismType.TENSOR_PARALLEL
+    assert ParallelismType.PP is ParallelismType.PIPELINE_PARALLEL
+    assert ParallelismType.DP is ParallelismType.DATA_PARALLEL
+    assert ParallelismType.EP is ParallelismType.EXPERT_PARALLEL
+    assert len(ParallelismType) == 5  # aliases add no members
+    assert RequestMetadata("r", parallelism_hint="tp").parallelism_hint is ParallelismType.TP
+
+
+def test_seed_configs_set_the_sequence_limit() -> None:
+    prefill = ExecutionInstance(
+        "p",
+        tensor_parallel_size=4,
+        instance_type=ExecutionInstanceType.PREFILLING,
+        prefilling_config=PrefillingConfig(64, 4, True),  # the seed's fields, in its order
+    )
+    decode = ExecutionInstance(
+        "d",
+        instance_type=ExecutionInstanceType.DECODING,
+        decoding_config=DecodingConfig(50, 200),
+    )
+    assert (prefill.max_num_seqs, decode.max_num_seqs) == (64, 200)
+    assert decode.target_tpot_ms == 50 and prefill.target_tpot_ms is None
+    capped = ExecutionInstance(
+        "c", max_concurrent_requests=100, decoding_config=DecodingConfig(max_parallel_requests=200)
+    )
+    assert capped.max_num_seqs == 100
+    both = ExecutionInstance(
+        "g",
+        prefilling_config=PrefillingConfig(target_batch_size=32),
+        decoding_config=DecodingConfig(max_parallel_requests=48),
+    )
+    assert both.max_num_seqs == 32 and ExecutionInstance("x").max_num_seqs == 256
+    assert ReplicaConfig.from_instance(prefill).max_num_seqs == 64
+    assert instance_engine_args(decode) == {"max_num_seqs": 200}
+    assert instance_engine_args(ExecutionInstance("x")) == {}  # vLLM's own default stays
+
+
+@pytest.mark.parametrize(
+    ("build", "fragment"),
+    [
+        (
+            lambda: ExecutionInstance(
+                "p", tensor_parallel_size=2, prefilling_config=PrefillingConfig(64, 4)
+            ),
+            "prefilling_config.tensor_parallel_size=4 disagrees with the instance's "
+            "tensor_parallel_size=2",
+        ),
+        (lambda: PrefillingConfig(target_batch_size=0), "target_batch_size=0"),
+        (lambda: DecodingConfig(target_latency_ms=-1), "target_latency_ms=-1"),
+        (lambda: DecodingConfig(max_parallel_requests=2.5), "max_parallel_requests=2.5"),
+    ],
+)
+def test_seed_configs_reject(build, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        build()

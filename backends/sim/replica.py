@@ -58,34 +58,23 @@ class ReplicaConfig:
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
 
     @classmethod
-    def from_configs(
-        cls,
-        prefilling: PrefillingConfig | None = None,
-        decoding: DecodingConfig | None = None,
-        **overrides: Any,
-    ) -> ReplicaConfig:
-        pre = prefilling or PrefillingConfig()
-        dec = decoding or DecodingConfig()
+    def from_instance(cls, instance: ExecutionInstance, **overrides: Any) -> ReplicaConfig:
+        """An ExecutionInstance's engine knobs: its PrefillingConfig and DecodingConfig, and
+        its sequence limit (``ExecutionInstance.max_num_seqs``: the seed's
+        ``target_batch_size`` / ``max_parallel_requests``, capped by
+        ``max_concurrent_requests``)."""
+        pre = instance.prefilling_config or PrefillingConfig()
+        dec = instance.decoding_config or DecodingConfig()
         values: dict[str, Any] = {
             "max_num_batched_tokens": pre.max_num_batched_tokens,
             "enable_chunked_prefill": pre.enable_chunked_prefill,
             "long_prefill_token_threshold": pre.long_prefill_token_threshold,
-            "max_num_seqs": dec.max_num_seqs,
+            "max_num_seqs": instance.max_num_seqs,
             "block_size": dec.block_size,
             "enable_prefix_caching": dec.enable_prefix_caching,
         }
         values.update(overrides)
         return cls(**values)
-
-    @classmethod
-    def from_instance(cls, instance: ExecutionInstance, **overrides: Any) -> ReplicaConfig:
-        """An ExecutionInstance's PrefillingConfig/DecodingConfig; ``max_num_seqs`` capped by
-        its ``max_concurrent_requests``."""
-        dec = instance.decoding_config or DecodingConfig()
-        overrides.setdefault(
-            "max_num_seqs", min(dec.max_num_seqs, instance.max_concurrent_requests)
-        )
-        return cls.from_configs(instance.prefilling_config, dec, **overrides)
 
 
 class SimReplica:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cpsim.types import DEFAULT_MAX_NUM_SEQS, ExecutionInstance
+
 #: The repository's conf/vllm_model/ folder: model folders holding only a ``config.json``.
 MODEL_ROOT = Path(__file__).resolve().parents[2] / "conf" / "vllm_model"
 #: The tiny Llama (hidden 256, 2 layers, vocab 32000) that runs with random weights on a CPU.
@@ -49,6 +51,20 @@ def engine_args_for(
     args.update(overrides or {})
     args["model"] = resolve_model_dir(args["model"])
     return args
+
+
+def instance_engine_args(instance: ExecutionInstance) -> dict[str, Any]:
+    """The engine arguments an instance's own description sets: ``max_num_seqs``, the
+    instance's sequence limit (the seed's ``target_batch_size`` / ``max_parallel_requests``,
+    capped by ``max_concurrent_requests``), when its configs give one or its
+    ``max_concurrent_requests`` is below vLLM's default; else nothing, leaving vLLM's own."""
+    pre, dec = instance.prefilling_config, instance.decoding_config
+    explicit = (pre is not None and pre.target_batch_size is not None) or (
+        dec is not None and dec.max_parallel_requests is not None
+    )
+    if explicit or instance.max_concurrent_requests < DEFAULT_MAX_NUM_SEQS:
+        return {"max_num_seqs": instance.max_num_seqs}
+    return {}
 
 
 def server_cli_args(engine_args: Mapping[str, Any]) -> list[str]:
