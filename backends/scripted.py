@@ -66,8 +66,9 @@ class ScriptedBackend:
                 await task
         self._tasks.clear()
 
-    async def add_instance(self, instance: ExecutionInstance) -> None:
+    async def add_instance(self, instance: ExecutionInstance) -> bool:
         self._instances[instance.instance_id] = 1.0
+        return True
 
     async def remove_instance(self, instance_id: str) -> None:
         self._cancel_on(instance_id)

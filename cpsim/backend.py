@@ -55,8 +55,12 @@ class Backend(Protocol):
     in-process vLLM engines, or vLLM servers over HTTP.
 
     ``start`` receives the event sink and the clock to stamp events with. ``dispatch`` and
-    ``abort`` must not block: they start work and return. Instances are added before
-    requests are dispatched to them."""
+    ``abort`` must not block: they start work and return. Instances are added after
+    ``start`` and before requests are dispatched to them: ``add_instance`` returns True
+    once the instance can take requests, or False when it cannot yet (a server not
+    answering its first health check), in which case the backend reports
+    ``on_instance_recovered`` when it can. The manager runs it in the background, so it
+    may take long (an engine starting)."""
 
     name: str
 
@@ -64,7 +68,7 @@ class Backend(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def add_instance(self, instance: ExecutionInstance) -> None: ...
+    async def add_instance(self, instance: ExecutionInstance) -> bool: ...
 
     async def remove_instance(self, instance_id: str) -> None: ...
 

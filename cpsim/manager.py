@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -160,6 +160,9 @@ class ControlPlaneManager:
         self._finished: OrderedDict[str, tuple[RequestStatus, str]] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[RequestStatus]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # the backend's add/remove of each instance, run in order per instance
+        self._backend_ops: dict[str, asyncio.Task[None]] = {}
+        self._attached: set[str] = set()  # instances the backend has added
         self.metrics_history: list[PerformanceMetrics] = []
 
     @staticmethod
@@ -176,6 +179,8 @@ class ControlPlaneManager:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Start the backend and tell it of the instances registered so far; returns once
+        each has attached (its engine started, its first health check answered)."""
         if self._running:
             return
         self._running = True
@@ -183,9 +188,14 @@ class ControlPlaneManager:
         self._tasks.append(asyncio.create_task(self._tick_loop()))
         if self.enable_monitoring:
             self._tasks.append(asyncio.create_task(self._monitor_loop()))
+        for instance in self.core.instances():
+            self._attach_in_background(instance)
+        await self.wait_for_instances()
 
     async def stop(self) -> None:
-        """Stop: requests still queued or running end CANCELLED, engines are told to abort."""
+        """Stop: requests still queued or running end CANCELLED, engines are told to abort,
+        and the backend lets go of every instance (they stay registered, down, until the
+        next ``start``)."""
         if not self._running:
             return
         self._running = False
@@ -200,6 +210,16 @@ class ControlPlaneManager:
             abort = self.core.cancel(rid, now)
             if abort is not None:
                 self.backend.abort(abort)
+        for task in list(self._backend_ops.values()):
+            task.cancel()
+        await asyncio.gather(*self._backend_ops.values(), return_exceptions=True)
+        await asyncio.gather(
+            *(self.backend.remove_instance(iid) for iid in sorted(self._attached)),
+            return_exceptions=True,
+        )
+        self._attached.clear()
+        for instance in self.core.instances():
+            self.core.set_instance_health(instance.instance_id, False)
         await self.backend.stop()
 
     async def __aenter__(self) -> ControlPlaneManager:
@@ -210,22 +230,30 @@ class ControlPlaneManager:
         await self.stop()
 
     # ------------------------------------------------------------------ instances
-    async def register_instance(self, instance: ExecutionInstance) -> bool:
+    def register_instance(self, instance: ExecutionInstance) -> bool:
+        """Register an instance; it takes requests once its backend has attached it. Before
+        ``start`` the backend is told when the manager starts; while running, attaching (an
+        engine starting, an HTTP server's first health check) runs in the background and
+        this returns at once. Until attached the instance is listed, not healthy."""
         self.core.add_instance(instance, self._now())
-        await self.backend.add_instance(instance)
-        self._pump()
+        self.core.set_instance_health(instance.instance_id, False)
+        if self._running:
+            self._attach_in_background(instance)
         return True
 
-    async def unregister_instance(self, instance_id: str) -> bool:
+    def unregister_instance(self, instance_id: str) -> bool:
+        """Unregister an instance. Requests on it are requeued or failed as the core's
+        ``on_instance_failure`` setting says; the backend lets go of it in the background."""
         self.core.remove_instance(instance_id, self._now())
-        await self.backend.remove_instance(instance_id)
+        if self._running:
+            self._backend_op(instance_id, lambda: self._detach(instance_id))
         self._pump()
         return True
 
-    async def get_instances(self) -> list[ExecutionInstance]:
+    def get_instances(self) -> list[ExecutionInstance]:
         return self.core.instances()
 
-    async def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
+    def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
         state = self.core.instance_state(instance_id)
         view = state.view()
         return {
@@ -234,13 +262,69 @@ class ControlPlaneManager:
             "num_running": view.num_running,
             "num_waiting": view.num_waiting,
             "kv_cache_usage": view.kv_cache_usage_frac,
-            "avg_latency_ms": state.recent_latency_ms,
+            "avg_latency_ms": state.recent_latency_ms or 0.0,  # 0.0 until one finished
             "recent_ttft_ms": view.recent_ttft_ms,
             "recent_tpot_ms": view.recent_tpot_ms,
             "is_healthy": view.is_healthy,
             "current_load": view.load_frac,
             "gpu_utilization": state.busy_frac(self._now()),
         }
+
+    async def wait_for_instances(self, timeout_s: float | None = None) -> None:
+        """Wait until the backend has attached or let go of every instance asked so far."""
+        pending = list(self._backend_ops.values())
+        if pending:
+            await asyncio.wait_for(
+                asyncio.gather(*pending, return_exceptions=True), timeout_s
+            )
+
+    def _attach_in_background(self, instance: ExecutionInstance) -> None:
+        self._backend_op(instance.instance_id, lambda: self._attach(instance))
+
+    def _backend_op(self, instance_id: str, op: Callable[[], Awaitable[None]]) -> None:
+        """Run ``op()`` as a task after the one still running for the same instance, so
+        that a quick unregister and register again reach the backend in order."""
+        previous = self._backend_ops.get(instance_id)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await op()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._backend_ops[instance_id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._backend_ops.get(instance_id) is done:
+                del self._backend_ops[instance_id]
+
+        task.add_done_callback(forget)
+
+    def _registered(self, instance: ExecutionInstance) -> bool:
+        try:
+            return self.core.instance_state(instance.instance_id).instance is instance
+        except ValueError:
+            return False
+
+    async def _attach(self, instance: ExecutionInstance) -> None:
+        iid = instance.instance_id
+        if not self._registered(instance) or iid in self._attached:
+            return  # unregistered before its turn, or attached already
+        try:
+            ready = await self.backend.add_instance(instance)
+        except Exception:  # the instance stays down; nothing is routed to it
+            log.exception("backend failed to add instance %s; it stays unhealthy", iid)
+            return
+        self._attached.add(iid)
+        # a backend whose add_instance returns nothing (None) has the instance ready
+        if ready is not False and self._registered(instance):
+            self.core.set_instance_health(iid, True)
+            self._pump()
+
+    async def _detach(self, instance_id: str) -> None:
+        if instance_id in self._attached:
+            self._attached.discard(instance_id)
+            await self.backend.remove_instance(instance_id)
 
     # ------------------------------------------------------------------ requests
     async def submit_request(self, metadata: RequestMetadata) -> str:
@@ -298,14 +382,14 @@ class ControlPlaneManager:
         await asyncio.wait_for(_wait(), timeout_s)
 
     # ------------------------------------------------------------------ reports
-    async def get_metrics(self) -> PerformanceMetrics:
+    def get_metrics(self) -> PerformanceMetrics:
         now = self._now()
         return self.core.summary(now)
 
     def get_request_records(self) -> pd.DataFrame:
         return self.core.metrics.records()
 
-    async def get_status(self) -> dict[str, Any]:
+    def get_status(self) -> dict[str, Any]:
         views = self.core.instance_views()
         return {
             "running": self._running,
@@ -319,7 +403,7 @@ class ControlPlaneManager:
             "total_instances": len(views),
         }
 
-    async def update_policy(self, scheduling_policy: str) -> None:
+    def update_policy(self, scheduling_policy: str) -> None:
         self.core.policy = make_scheduling_policy(scheduling_policy)
         self._pump()
 
@@ -371,7 +455,7 @@ class ControlPlaneManager:
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(self.monitoring_interval_s)
-            metrics = await self.get_metrics()
+            metrics = self.get_metrics()
             self.metrics_history.append(metrics)
             log.info(
                 "completed=%d queued=%d p99_latency_ms=%.1f slo_compliance=%.3f",

@@ -9,6 +9,7 @@ import asyncio
 
 from backends.sim.live import SimBackend
 from cpsim import (
+    ControlPlaneManager,
     ExecutionInstance,
     ExecutionInstanceType,
     PDSeparationConfig,
@@ -16,7 +17,6 @@ from cpsim import (
     RequestPriority,
     RequestStatus,
 )
-from cpsim.manager import ControlPlaneManager
 
 
 async def main() -> None:
@@ -30,8 +30,6 @@ async def main() -> None:
         ),
         backend=SimBackend(time_scale=5.0),  # five simulated seconds per wall second
     )
-    await control_plane.start()
-
     # Two general instances, one prefill and one decode instance of Llama-3-8B on A100s.
     instances = [
         ExecutionInstance("general-0", model_name="llama-3-8b", cost_per_gpu_hour=2.0),
@@ -44,7 +42,8 @@ async def main() -> None:
         ),
     ]
     for instance in instances:
-        await control_plane.register_instance(instance)
+        control_plane.register_instance(instance)  # plain, as in the seed: no loop needed
+    await control_plane.start()  # the backend is told of the instances now
 
     priorities = [
         RequestPriority.CRITICAL,
@@ -65,7 +64,7 @@ async def main() -> None:
         )
         request_ids.append(await control_plane.submit_request(metadata))
 
-    status = await control_plane.get_status()
+    status = control_plane.get_status()
     print(f"status: {status}")
 
     cancelled = await control_plane.cancel_request("req-39")
@@ -74,7 +73,7 @@ async def main() -> None:
     for rid in request_ids:
         await control_plane.wait_for_request(rid, timeout_s=60)
 
-    metrics = await control_plane.get_metrics()
+    metrics = control_plane.get_metrics()
     print(
         f"completed={metrics.completed_requests} failed={metrics.failed_requests} "
         f"cancelled={metrics.cancelled_requests}"
@@ -88,12 +87,12 @@ async def main() -> None:
         f"SLO compliance={metrics.slo_compliance_rate:.1%}, "
         f"cost per token=${metrics.cost_per_token:.2e}"
     )
-    for instance in await control_plane.get_instances():
-        print(instance.instance_id, await control_plane.get_instance_metrics(instance.instance_id))
+    for instance in control_plane.get_instances():
+        print(instance.instance_id, control_plane.get_instance_metrics(instance.instance_id))
 
     control_plane.router.routing_strategy = "prefix_cache_aware"
-    await control_plane.update_policy("slo_aware")
-    print(f"after switches: {await control_plane.get_status()}")
+    control_plane.update_policy("slo_aware")
+    print(f"after switches: {control_plane.get_status()}")
 
     records = control_plane.get_request_records()
     print(

@@ -107,8 +107,8 @@ async def run_real(engine: LocalEngine, instance: ExecutionInstance,
     backend = AsyncLLMBackend(engines={instance.instance_id: engine})
     manager = ControlPlaneManager("fifo", "round_robin", enable_monitoring=False,
                                   backend=backend)
+    manager.register_instance(instance)
     await manager.start()
-    await manager.register_instance(instance)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     for arrival_s, meta in requests:

@@ -85,9 +85,9 @@ async def _run(modes: dict[str, str], requests: list[RequestMetadata]) -> dict[s
     cp = ControlPlaneManager(routing_strategy="round_robin", backend=backend,
                              enable_monitoring=False)
     try:
-        await cp.start()
         for inst in instances:
-            await cp.register_instance(inst)
+            cp.register_instance(inst)
+        await cp.start()
         for meta in requests:
             await cp.submit_request(meta)
         statuses = {m.request_id: await cp.wait_for_request(m.request_id, timeout_s=10.0)

@@ -22,8 +22,8 @@ def test_default_backend_is_the_simulator() -> None:
 def test_single_request_latency_is_the_priced_steps_in_simulated_time() -> None:
     async def main() -> float:
         cp = ControlPlaneManager(backend=SimBackend(time_scale=20.0))
+        cp.register_instance(ExecutionInstance("a"))
         await cp.start()
-        await cp.register_instance(ExecutionInstance("a"))
         await cp.submit_request(RequestMetadata("r", num_prompt_tokens=512, max_tokens=2))
         assert await cp.wait_for_request("r", timeout_s=10) is RequestStatus.COMPLETED
         ttft = float(cp.get_request_records()["ttft_ms"].iloc[0])
@@ -41,9 +41,9 @@ def test_cancel_aborts_in_the_replica_and_crash_requeues() -> None:
     async def main() -> None:
         backend = SimBackend(time_scale=2.0)
         cp = ControlPlaneManager(backend=backend, routing_strategy="round_robin")
+        cp.register_instance(ExecutionInstance("a"))
+        cp.register_instance(ExecutionInstance("b"))
         await cp.start()
-        await cp.register_instance(ExecutionInstance("a"))
-        await cp.register_instance(ExecutionInstance("b"))
         for i in range(4):
             await cp.submit_request(RequestMetadata(f"r{i}", num_prompt_tokens=64, max_tokens=2000))
         await asyncio.sleep(0.05)
@@ -52,7 +52,7 @@ def test_cancel_aborts_in_the_replica_and_crash_requeues() -> None:
         assert backend.replica_process("a").replica.get("r0") is None
         backend.replica_process("b").crash("test crash")
         await asyncio.sleep(0.05)
-        assert not (await cp.get_instance_metrics("b"))["is_healthy"]
+        assert not cp.get_instance_metrics("b")["is_healthy"]
         await cp.stop()
         df = cp.get_request_records().set_index("request_id")
         assert df.loc["r0", "status"] == "CANCELLED"

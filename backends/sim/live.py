@@ -22,6 +22,7 @@ from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica
 from cpsim.backend import Clock, EngineEvents
 from cpsim.core import Abort, Dispatch
+from cpsim.datafiles import data_names
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec, load_model_spec
 from cpsim.profiles import load_profile
@@ -42,7 +43,8 @@ class SimBackend:
     """Backend of simulated replicas, one per registered instance.
 
     Each instance's model comes from ``instance.metadata["model_spec"]`` (a name in
-    cpsim/data/models or a ModelSpec), else ``default_model``; its step latency from
+    cpsim/data/models or a ModelSpec), else its ``model_name`` when cpsim/data/models has
+    it (``llama-3-70b``), else ``default_model``; its step latency from
     ``metadata["profile"]`` (a conf/profile name) or ``metadata["latency_model"]`` (an
     object), else a RooflineLatencyModel of the model on ``instance.gpu_type``.
     ``time_scale`` is simulated seconds per wall second (10 = ten times faster than real);
@@ -89,7 +91,7 @@ class SimBackend:
                 await self._task
             self._task = None
 
-    async def add_instance(self, instance: ExecutionInstance) -> None:
+    async def add_instance(self, instance: ExecutionInstance) -> bool:
         self._advance()
         model = self._model_of(instance)
         config = ReplicaConfig.from_instance(
@@ -109,6 +111,7 @@ class SimBackend:
         assert self._events is not None, "start the backend before adding instances"
         proc = ReplicaProcess(self.env, replica, self._events)
         self._replicas[instance.instance_id] = _Replica(proc, config, model)
+        return True
 
     async def remove_instance(self, instance_id: str) -> None:
         entry = self._replicas.pop(instance_id, None)
@@ -171,7 +174,10 @@ class SimBackend:
 
     # ------------------------------------------------------------------ instances
     def _model_of(self, instance: ExecutionInstance) -> ModelSpec:
-        spec = instance.metadata.get("model_spec", self.default_model)
+        spec = instance.metadata.get("model_spec")
+        if spec is None:
+            known = instance.model_name in data_names("models")
+            spec = instance.model_name if known else self.default_model
         return spec if isinstance(spec, ModelSpec) else load_model_spec(str(spec))
 
     @staticmethod

@@ -11,8 +11,11 @@ Constructor (stable; the profiler and the fidelity report build it)::
   ``model_dir`` (a path, or a folder name under conf/vllm_model/).
 - ``env``: environment of the engine processes over ``DEFAULT_ENV``
   (VLLM_CPU_KVCACHE_SPACE=1, HF_HUB_OFFLINE=1).
-- Per instance, ``instance.metadata["engine_args"]`` and ``instance.metadata["env"]`` override
-  both. ``add_instance`` starts the engine and returns when it is ready (20-35 s on a CPU).
+- Per instance, its sequence limit (``engine_args.instance_engine_args``: the seed's
+  ``target_batch_size`` / ``max_parallel_requests``) overrides ``engine_args``, and
+  ``instance.metadata["engine_args"]`` and ``instance.metadata["env"]`` override both.
+  ``add_instance`` starts the engine and returns when it is ready (20-35 s on a CPU; the
+  manager runs it in the background).
 - ``engines``: already started ``LocalEngine`` objects by instance id (``start_local_engine``);
   the backend serves them but does not shut them down (tests share one engine this way).
 - ``local_engine(instance_id)`` gives the engine, its ``EngineStats`` and its arguments.
@@ -32,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from backends.vllm.engine_args import TINY_MODEL_DIR
+from backends.vllm.engine_args import TINY_MODEL_DIR, instance_engine_args
 from backends.vllm.local_engine import LocalEngine, start_local_engine
 from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
@@ -90,7 +93,7 @@ class AsyncLLMBackend:
         self._engines.clear()
         await asyncio.gather(*(e.shutdown() for e in owned))
 
-    async def add_instance(self, instance: ExecutionInstance) -> None:
+    async def add_instance(self, instance: ExecutionInstance) -> bool:
         iid = instance.instance_id
         if iid in self._engines:
             raise ValueError(f"instance_id={iid!r} already has an engine")
@@ -98,10 +101,15 @@ class AsyncLLMBackend:
         if adopted is not None:
             adopted.owned = False
             self._engines[iid] = adopted
-            return
-        args = {**self.engine_args, **dict(instance.metadata.get("engine_args") or {})}
+            return True
+        args = {
+            **self.engine_args,
+            **instance_engine_args(instance),
+            **dict(instance.metadata.get("engine_args") or {}),
+        }
         env = {**self.env, **dict(instance.metadata.get("env") or {})}
         self._engines[iid] = await start_local_engine(args, env)
+        return True
 
     async def remove_instance(self, instance_id: str) -> None:
         for rid, (iid, task) in list(self._tasks.items()):

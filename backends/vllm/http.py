@@ -2,6 +2,7 @@
 
 Each dispatch streams ``/v1/completions`` (prompt as token ids, ``ignore_eos``,
 ``return_token_ids``, usage in the last chunk) and counts ``len(token_ids)`` per chunk.
+An instance is checked once when added, and routed to only once a check has passed.
 ``/health`` is polled every ``health_interval_s``: ``unhealthy_after`` failures in a row
 (failed probes, or streams whose connection broke) report ``on_instance_failure``; the
 first good probe after that reports ``on_instance_recovered``. ``/metrics`` is scraped every
@@ -109,12 +110,17 @@ class HTTPBackend:
             await self._session.close()
             self._session = None
 
-    async def add_instance(self, instance: ExecutionInstance) -> None:
+    async def add_instance(self, instance: ExecutionInstance) -> bool:
+        """Add a server after one /health check: True when it passed; else the server is
+        down until a later check of the health loop passes (``on_instance_recovered``)."""
         iid = instance.instance_id
         if iid in self._servers:
             raise ValueError(f"instance_id={iid!r} is already added")
         vocab = int(instance.metadata.get("vocab_size", 32000))
-        self._servers[iid] = _Server(iid, instance.endpoint, MetricsScraper(iid), vocab)
+        server = _Server(iid, instance.endpoint, MetricsScraper(iid), vocab, healthy=False)
+        self._servers[iid] = server
+        server.healthy = await self._answers_health(server)  # up from the start: no event
+        return server.healthy
 
     async def remove_instance(self, instance_id: str) -> None:
         server = self._servers.pop(instance_id, None)
@@ -279,15 +285,18 @@ class HTTPBackend:
         async with self._session.get(f"{server.endpoint}{path}", timeout=timeout) as resp:
             return resp.status, await resp.text()
 
-    async def probe(self, server: _Server) -> bool:
-        """One /health check; counts towards failing or recovering the instance."""
+    async def _answers_health(self, server: _Server) -> bool:
         try:
             status, _ = await self._get(server, "/health")
-            ok = status == 200
         except asyncio.CancelledError:
             raise
         except Exception:
-            ok = False
+            return False
+        return status == 200
+
+    async def probe(self, server: _Server) -> bool:
+        """One /health check; counts towards failing or recovering the instance."""
+        ok = await self._answers_health(server)
         if server.instance_id not in self._servers:
             return ok
         if ok:

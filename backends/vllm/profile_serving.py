@@ -27,8 +27,8 @@ async def _serving(engine_args: dict[str, Any], grid: ProfileGrid, live_runs: li
 
     backend = AsyncLLMBackend(engine_args=engine_args | {"enable_logging_iteration_details": True})
     manager = ControlPlaneManager("fifo", "round_robin", enable_monitoring=False, backend=backend)
+    manager.register_instance(ExecutionInstance("profiled", max_concurrent_requests=1 << 20))
     await manager.start()
-    await manager.register_instance(ExecutionInstance("profiled", max_concurrent_requests=1 << 20))
     recorder = StepRecorder(backend.local_engine("profiled").stats)
     path = PathRecorder(backend.local_engine("profiled"))
     path_records: list[pd.DataFrame] = []

@@ -38,8 +38,8 @@ def test_quick_start_flow_completes_every_request_with_exact_tokens(
             backend=backend,
             enable_monitoring=False,
         )
+        cp.register_instance(ExecutionInstance("vllm-0", model_name="tiny-llama"))
         await cp.start()
-        await cp.register_instance(ExecutionInstance("vllm-0", model_name="tiny-llama"))
         ids = []
         for i in range(8):
             meta = RequestMetadata(
@@ -51,8 +51,8 @@ def test_quick_start_flow_completes_every_request_with_exact_tokens(
             ids.append(await cp.submit_request(meta))
         statuses = [await cp.wait_for_request(rid, timeout_s=60) for rid in ids]
         await asyncio.sleep(0.3)  # a snapshot after the last step
-        metrics = await cp.get_metrics()
-        instance = await cp.get_instance_metrics("vllm-0")
+        metrics = cp.get_metrics()
+        instance = cp.get_instance_metrics("vllm-0")
         records = cp.get_request_records()
         await cp.stop()
         return statuses, metrics, instance, records
@@ -78,10 +78,10 @@ def test_cancel_aborts_the_request_in_the_engine(engine_loop: Any) -> None:
     async def main() -> tuple:
         backend = AsyncLLMBackend(engines={"vllm-0": engine}, scrape_interval_s=0.05)
         cp = ControlPlaneManager(backend=backend, enable_monitoring=False)
+        cp.register_instance(ExecutionInstance("vllm-0"))
         await cp.start()
-        await cp.register_instance(ExecutionInstance("vllm-0"))
         await cp.submit_request(RequestMetadata("long", num_prompt_tokens=100, max_tokens=1900))
-        while (await cp.get_instance_metrics("vllm-0"))["num_running"] < 1:
+        while cp.get_instance_metrics("vllm-0")["num_running"] < 1:
             await asyncio.sleep(0.02)  # running in the engine, as its stat logger reports
         running_before = engine.engine.get_num_unfinished_requests()
         assert await cp.cancel_request("long")
@@ -111,9 +111,9 @@ def test_pd_phases_run_prefill_then_decode_on_the_named_instances(
         backend = AsyncLLMBackend(engines=engines, scrape_interval_s=0.1)
         pd = PDSeparationConfig(enabled=True, prefilling_threshold_input_tokens=256)
         cp = ControlPlaneManager(backend=backend, pd_config=pd, enable_monitoring=False)
+        cp.register_instance(ExecutionInstance("p", instance_type="prefilling"))
+        cp.register_instance(ExecutionInstance("d", instance_type="decoding"))
         await cp.start()
-        await cp.register_instance(ExecutionInstance("p", instance_type="prefilling"))
-        await cp.register_instance(ExecutionInstance("d", instance_type="decoding"))
         await cp.submit_request(RequestMetadata("pd-long", num_prompt_tokens=600, max_tokens=16))
         await cp.submit_request(RequestMetadata("pd-short", num_prompt_tokens=50, max_tokens=4))
         statuses = [await cp.wait_for_request(r, timeout_s=60) for r in ("pd-long", "pd-short")]

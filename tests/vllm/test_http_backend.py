@@ -91,7 +91,8 @@ def test_streams_count_tokens_exactly_and_metrics_become_snapshots(
         cp, _, recorder = _manager()
         await cp.start()
         for inst in _instances(http_engines):
-            await cp.register_instance(inst)
+            cp.register_instance(inst)
+        await cp.wait_for_instances()  # each passed its first health check in the background
         ids = []
         for i in range(12):
             meta = RequestMetadata(f"lb-{i}", num_prompt_tokens=30 + 50 * i, max_tokens=5 + 7 * i)
@@ -121,8 +122,8 @@ def test_cancel_closes_the_stream_and_the_server_aborts(http_engines: list[Any])
 
     async def main() -> tuple:
         cp, backend, _ = _manager()
+        cp.register_instance(_instances([engine])[0])
         await cp.start()
-        await cp.register_instance(_instances([engine])[0])
         await cp.submit_request(RequestMetadata("long", num_prompt_tokens=80, max_tokens=1900))
         iid = engine.instance.instance_id
         while cp.core.request_state("long").first_token_s is None:
@@ -153,18 +154,18 @@ def test_a_frozen_server_is_marked_unhealthy_and_recovers(http_engines: list[Any
     async def main() -> tuple:
         cp, backend, recorder = _manager(health_timeout_s=0.5, unhealthy_after=2)
         backend.health_interval_s = 0.2
+        cp.register_instance(_instances([engine])[0])
         await cp.start()
-        await cp.register_instance(_instances([engine])[0])
         os.kill(engine.pid, signal.SIGSTOP)
         try:
             while backend.is_healthy(iid):
                 await asyncio.sleep(0.05)
-            down = (await cp.get_instance_metrics(iid))["is_healthy"]
+            down = cp.get_instance_metrics(iid)["is_healthy"]
         finally:
             os.kill(engine.pid, signal.SIGCONT)
         while not backend.is_healthy(iid):
             await asyncio.sleep(0.05)
-        up = (await cp.get_instance_metrics(iid))["is_healthy"]
+        up = cp.get_instance_metrics(iid)["is_healthy"]
         await cp.submit_request(RequestMetadata("after", num_prompt_tokens=10, max_tokens=3))
         status = await cp.wait_for_request("after", timeout_s=30)
         await cp.stop()
@@ -189,7 +190,8 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         cp, backend, recorder = _manager(unhealthy_after=2)
         await cp.start()
         for inst in _instances(http_engines):
-            await cp.register_instance(inst)
+            cp.register_instance(inst)
+        await cp.wait_for_instances()  # each passed its first health check in the background
         first = [RequestMetadata(f"fo-{i}", num_prompt_tokens=64, max_tokens=400) for i in range(9)]
         for meta in first:
             await cp.submit_request(meta)
@@ -200,7 +202,7 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         for meta in late:  # some may still be routed to the dead engine: they must retry
             await cp.submit_request(meta)
         await cp.drain(timeout_s=120)
-        healthy = (await cp.get_instance_metrics(dead))["is_healthy"], backend.is_healthy(dead)
+        healthy = cp.get_instance_metrics(dead)["is_healthy"], backend.is_healthy(dead)
         records = cp.get_request_records().set_index("request_id")
         await cp.stop()
         return records, healthy, recorder.instance_events

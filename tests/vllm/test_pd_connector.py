@@ -38,9 +38,10 @@ def test_long_prompt_prefills_on_one_server_and_decodes_on_the_other(
         await cp.start()
         for engine, kind in ((prefill, "prefilling"), (decode, "decoding")):
             i = engine.instance
-            await cp.register_instance(
+            cp.register_instance(
                 ExecutionInstance(i.instance_id, host=i.host, port=i.port, instance_type=kind)
             )
+        await cp.wait_for_instances()
         await cp.submit_request(RequestMetadata("pd-long", num_prompt_tokens=700, max_tokens=24))
         await cp.submit_request(RequestMetadata("pd-short", num_prompt_tokens=60, max_tokens=6))
         statuses = [await cp.wait_for_request(r, timeout_s=90) for r in ("pd-long", "pd-short")]
