@@ -72,3 +72,29 @@ def test_quickstart_example_runs() -> None:
     ).stdout
     assert "completed=39 failed=0 cancelled=1" in out
     assert "'routing_strategy': 'prefix_cache_aware'" in out
+
+
+def test_unregister_mid_decode_fails_its_streams_and_the_simulation_goes_on() -> None:
+    """The removed replica's step in flight must not end on an emptied replica (it used to
+    raise inside the backend's loop, which then stopped advancing every other replica)."""
+
+    async def main() -> None:
+        backend = SimBackend(time_scale=5.0)
+        cp = ControlPlaneManager(backend=backend, routing_strategy="round_robin")
+        cp.register_instance(ExecutionInstance("a"))
+        cp.register_instance(ExecutionInstance("b"))
+        await cp.start()
+        for i in range(4):
+            await cp.submit_request(RequestMetadata(f"r{i}", num_prompt_tokens=64, max_tokens=300))
+        await asyncio.sleep(0.1)  # both replicas are in decode runs now
+        cp.unregister_instance("a")
+        statuses = [await cp.wait_for_request(f"r{i}", timeout_s=20) for i in range(4)]
+        records = cp.get_request_records().set_index("request_id")
+        await cp.stop()
+        # round robin put r0 and r2 on "a": they had streamed tokens, which cannot be taken
+        # back, so they fail; "b" goes on and finishes its own
+        assert statuses == [RequestStatus.FAILED, RequestStatus.COMPLETED] * 2
+        assert records.loc["r0", "reason"] == "instance a removed"
+        assert records.loc["r1", "instance_id"] == "b"
+
+    asyncio.run(main())

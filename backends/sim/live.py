@@ -116,7 +116,7 @@ class SimBackend:
     async def remove_instance(self, instance_id: str) -> None:
         entry = self._replicas.pop(instance_id, None)
         if entry is not None:
-            entry.proc.replica.clear()
+            entry.proc.shut_down()
 
     def dispatch(self, dispatch: Dispatch) -> None:
         self._advance()
@@ -162,8 +162,11 @@ class SimBackend:
             nxt = self.env.peek()
             delay = None if math.isinf(nxt) else max(0.0, (nxt - self.env.now) / self.time_scale)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # lands as the wait ends, and stop() would then wait on this loop forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     def _scrapes(self) -> Any:
         while True:

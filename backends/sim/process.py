@@ -423,10 +423,20 @@ class ReplicaProcess:
         if not self.is_up:
             return
         now = self.clock.now()
+        self.num_crashes += 1
+        self._go_down(now)
+        self.events.on_instance_failure(self.instance_id, reason, now)
+
+    def shut_down(self) -> None:
+        """Stop for good, unreported (the instance was unregistered): the work in flight is
+        dropped, so no step scheduled before ends on an emptied replica."""
+        if self.is_up:
+            self._go_down(self.clock.now())
+
+    def _go_down(self, now: float) -> None:
         if self._step_start_s is not None:
             self._busy_s += now - self._step_start_s
             self._step_start_s = None
-        self.num_crashes += 1
         self.replica.clear()
         self._phases.clear()
         self._arriving.clear()
@@ -437,7 +447,6 @@ class ReplicaProcess:
         self.is_up = False
         self._stall_debt_s = 0.0
         self._stalled_until_s = -_INF
-        self.events.on_instance_failure(self.instance_id, reason, now)
 
     def recover(self) -> None:
         """Back up, empty (a fresh engine with a cold cache)."""
