@@ -5,7 +5,10 @@ each in its own process session and group, logging to a file, waits until every 
 answers 200 and returns them as ``LaunchedEngine`` (with the ``ExecutionInstance`` to
 register). ``stop(engines)`` ends each whole process group (the server, its EngineCore and
 Worker): SIGTERM, then SIGKILL after a grace period. ``with launched(cfg) as engines:`` stops
-them however the block ends; a failed launch stops what it started before raising.
+them however the block ends; a failed launch stops what it started before raising. A server
+that dies on its own (killed, crashed, out of memory) takes its group with it: a watcher
+thread per server ends whatever of the group outlives it, so no engine core or worker is
+left holding memory and cores.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -54,15 +58,38 @@ def _healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def end_group(pgid: int, grace_s: float) -> list[int]:
+    """SIGTERM to process group ``pgid``, SIGKILL to what is left after ``grace_s``; returns
+    what is still alive 5 s after that (empty when the group is gone)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while (alive := group_pids(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive:
+            return []
+    return alive
+
+
+def _end_group_after(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """Wait for the server to exit, however it does, then end the rest of its group."""
+    process.wait()
+    end_group(process.pid, grace_s)
+
+
 @dataclass
 class LaunchedEngine:
-    """One server process group; ``pid`` is the API server's and the group's id."""
+    """One server process group; ``pid`` is the API server's and the group's id.
+    ``orphan_grace_s``: once the server has exited, how long the rest of its group gets
+    after a SIGTERM before a SIGKILL."""
 
     instance: ExecutionInstance
     command: list[str]
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    orphan_grace_s: float = 5.0
 
     @property
     def pid(self) -> int:
@@ -86,6 +113,12 @@ class LaunchedEngine:
                 start_new_session=True,
             )
         self.instance.metadata["pid"] = self.process.pid
+        threading.Thread(
+            target=_end_group_after,
+            args=(self.process, self.orphan_grace_s),
+            name=f"reaper-{self.instance.instance_id}",
+            daemon=True,
+        ).start()
 
     def processes(self) -> list[int]:
         """The group's live processes (empty once stopped)."""

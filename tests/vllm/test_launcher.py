@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,26 @@ def test_stop_ends_every_process_of_every_group(http_engines: list[LaunchedEngin
     stop(http_engines)
     assert all(_gone(p) for p in pids), [p for p in pids if not _gone(p)]
     assert all(group_pids(e.pid) == [] for e in http_engines)
+
+
+def test_a_server_killed_alone_takes_its_engine_core_and_workers_with_it(
+    make_cluster_config: Any, tmp_path: Path
+) -> None:
+    """The API server dies (SIGKILL to it alone, as the OOM killer would): its watcher ends
+    the engine core and workers it had started, where they used to run on as orphans."""
+    cfg = make_cluster_config(num_instances=1, base_port=18992, log_dir=str(tmp_path))
+    (engine,) = plan(cfg)
+    engine.start()
+    pgid = engine.pid
+    try:
+        deadline = time.monotonic() + 120.0
+        while len(group_pids(pgid)) < 3 and time.monotonic() < deadline:  # core and worker up
+            time.sleep(0.2)
+        assert len(group_pids(pgid)) >= 3, engine.log_tail()
+        os.kill(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + engine.orphan_grace_s + 15.0
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_pids(pgid) == []
+    finally:
+        engine.stop(grace_s=1.0)
