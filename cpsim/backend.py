@@ -11,7 +11,20 @@ from cpsim.views import InstanceSnapshot
 
 Clock = Callable[[], float]
 
-__all__ = ["Backend", "Clock", "ControlPlaneEvents", "EngineEvents"]
+__all__ = ["Backend", "Clock", "ControlPlaneEvents", "EngineEvents", "check_started"]
+
+
+def check_started(backend: object, events: object, instance_id: str) -> None:
+    """The clear error for a backend told of an instance before ``start`` (``events`` is
+    what ``start`` sets, None before it)."""
+    if events is None:
+        name = type(backend).__name__
+        raise RuntimeError(
+            f"{name}.add_instance({instance_id!r}) was called before {name}.start(); "
+            "register instances with ControlPlaneManager.register_instance (before or after "
+            "cp.start(): the manager tells the backend once it has started) or start the "
+            "backend first"
+        )
 
 
 @runtime_checkable
@@ -38,8 +51,18 @@ class EngineEvents(Protocol):
     ) -> None: ...
 
     def on_failure(
-        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
-    ) -> None: ...
+        self,
+        request_id: str,
+        instance_id: str,
+        reason: str,
+        now: float,
+        retryable: bool = True,
+        instance_fault: bool = True,
+    ) -> None:
+        """The request failed on the instance; ``retryable``: another attempt may serve it
+        (no token streamed, not the request's own fault); ``instance_fault``: the engine is
+        to blame (an error, a timeout), which counts towards ejecting it, where a request
+        the model cannot take is not."""
 
     def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
         """The instance went down; requests on it are lost to it."""

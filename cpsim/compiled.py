@@ -44,6 +44,7 @@ MODULES = (
     "cpsim.core",
     "cpsim.instances",
     "cpsim.metrics",
+    "cpsim.outliers",
     "cpsim.profiles",
     "cpsim.requests",
     "cpsim.views",

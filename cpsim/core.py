@@ -11,12 +11,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple
 
 from cpsim.instances import InstanceState
 from cpsim.latency import ObservedLatencyModel
 from cpsim.metrics import MetricsCollector
+from cpsim.outliers import OutlierConfig
 from cpsim.protocols import LatencyModel, PDPolicy, Router, SchedulingPolicy
 from cpsim.requests import RequestState
 from cpsim.types import (
@@ -44,12 +45,22 @@ class ControlPlaneConfig:
     """Core settings. ``on_instance_failure``: what happens to a request whose instance
     fails before it produced a token ("requeue" up to ``max_attempts`` dispatches, or
     "fail"); a request that already streamed tokens always fails, as its tokens cannot be
-    taken back. ``queue_timeout_s``: a request queued longer fails (None: never)."""
+    taken back. A retry goes to another instance than the ones that failed the request when
+    one can take it. ``queue_timeout_s``: a request queued longer fails (None: never).
+
+    The retry budget (Envoy's): requests failed by an engine are retried only while at most
+    max(``min_retry_concurrency``, ``retry_budget_frac`` x active requests) active requests
+    are such retries, so that retries cannot multiply an outage; requests requeued because
+    their instance crashed or was removed are not counted (that instance is out of routing).
+    ``outliers``: when an instance that keeps failing is ejected from routing."""
 
     max_queue_len: int | None = None
     on_instance_failure: FailureAction = "requeue"
     max_attempts: int = 3
     queue_timeout_s: float | None = None
+    retry_budget_frac: float = 0.2
+    min_retry_concurrency: int = 3
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
 
     def __post_init__(self) -> None:
         if self.max_queue_len is not None:
@@ -58,6 +69,12 @@ class ControlPlaneConfig:
         check_positive("max_attempts", self.max_attempts, integer=True)
         if self.queue_timeout_s is not None:
             check_positive("queue_timeout_s", self.queue_timeout_s)
+        check_non_negative("retry_budget_frac", self.retry_budget_frac)
+        check_non_negative("min_retry_concurrency", self.min_retry_concurrency, integer=True)
+        if not isinstance(self.outliers, OutlierConfig):
+            raise TypeError(
+                f"outliers={self.outliers!r} is not allowed; pass an OutlierConfig"
+            )
 
 
 class Admission(NamedTuple):
@@ -131,6 +148,12 @@ class ControlPlane:
         self._views: dict[str, InstanceView] = {}
         self._stale: set[str] = set()
         self._open: set[str] = set()
+        # outlier ejection (cpsim.outliers): ejected instances and when each comes back,
+        # and those back on probation
+        self._ejected: dict[str, float] = {}
+        self._probing: set[str] = set()
+        self._erring: set[str] = set()  # instances with failures among their recent outcomes
+        self._num_retrying = 0  # active requests that are retries, for the retry budget
         self._seq = 0
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
@@ -140,7 +163,9 @@ class ControlPlane:
     def add_instance(self, instance: ExecutionInstance, now: float) -> None:
         if instance.instance_id in self._instances:
             raise ValueError(f"instance_id={instance.instance_id!r} is already registered")
-        self._instances[instance.instance_id] = InstanceState(instance, now, self._stale)
+        self._instances[instance.instance_id] = InstanceState(
+            instance, now, self._stale, self.config.outliers.window
+        )
         if instance.target_tpot_ms is not None:
             self._tpot_targets[instance.instance_id] = instance.target_tpot_ms
         self._refresh_view(instance.instance_id)
@@ -155,6 +180,9 @@ class ControlPlane:
         self._stale.discard(instance_id)
         del self._views[instance_id]
         self._open.discard(instance_id)
+        self._ejected.pop(instance_id, None)
+        self._probing.discard(instance_id)
+        self._erring.discard(instance_id)
         self.metrics.on_instance_removed(instance_id, now)
         return affected
 
@@ -272,6 +300,7 @@ class ControlPlane:
         req.prefill_done_s = now
         req.phase = _DECODE
         self._handoffs[request_id] = req
+        self._record_outcome(req.instance_id, False, now)
 
     def on_finish(
         self,
@@ -297,6 +326,7 @@ class ControlPlane:
         inst = self._instances.get(req.instance_id or "")
         if inst is not None:
             inst.on_complete(req, now)
+        self._record_outcome(req.instance_id, False, now)
         self._release(req, now)
         self._terminate(req, _COMPLETED, now, "")
 
@@ -307,13 +337,20 @@ class ControlPlane:
         reason: str,
         retryable: bool = True,
         instance_id: str | None = None,
+        instance_fault: bool = True,
     ) -> None:
-        """The backend could not serve the request (engine error, timeout, lost instance)."""
+        """The backend could not serve the request (engine error, timeout, lost instance).
+        ``instance_fault``: the instance is to blame (an engine error, a timeout), not the
+        request itself (a prompt the model cannot take): it counts towards ejecting the
+        instance, and a retry avoids it."""
         req = self._running(request_id, instance_id, handoff_ok=True)
         if req is None:
             return
+        if instance_fault and req.instance_id is not None:
+            self._record_outcome(req.instance_id, True, now)
+            req.failed_on += (req.instance_id,)
         self._release(req, now)
-        self._requeue_or_fail(req, now, reason, retryable)
+        self._requeue_or_fail(req, now, reason, retryable, budgeted=True)
 
     def fail_all(self, now: float, reason: str) -> list[str]:
         """Cancel everything still active (used when a driver stops)."""
@@ -332,6 +369,10 @@ class ControlPlane:
         instance), then the queue in the scheduling policy's order."""
         if self.config.queue_timeout_s is not None:
             self._expire(now)
+        if self._ejected:
+            self._end_ejections(now)
+        if self._erring:
+            self._age_outcomes(now)
         if not self._queue and not self._handoffs:
             return []
         views = self._fresh_views()
@@ -365,7 +406,7 @@ class ControlPlane:
     ) -> None:
         for req in list(self._handoffs.values()):
             self._fresh_views()  # the instance of the last hand-off placed
-            cands = self._candidates(req.view, _DECODE, views)
+            cands = self._candidates(req.view, _DECODE, views, req.failed_on)
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
                 continue
@@ -388,9 +429,10 @@ class ControlPlane:
             self._fresh_views()  # the instance of the last placement: the next one must see it
             req = requests[rview.request_id]
             phase = self._phase_for(rview, views, now)
-            cands = self._candidates(rview, phase, views)
+            avoid = req.failed_on
+            cands = self._candidates(rview, phase, views, avoid)
             if not cands and phase is _PREFILL:
-                phase, cands = _FULL, self._candidates(rview, _FULL, views)
+                phase, cands = _FULL, self._candidates(rview, _FULL, views, avoid)
             if not cands:
                 continue
             placement = policy.place(rview, cands, router, now)
@@ -448,8 +490,15 @@ class ControlPlane:
         return _PHASE_TYPES[phase] if self.pd_policy is not None else None
 
     def _candidates(
-        self, rview: RequestView, phase: Phase, views: dict[str, InstanceView]
+        self,
+        rview: RequestView,
+        phase: Phase,
+        views: dict[str, InstanceView],
+        avoid: tuple[str, ...] = (),
     ) -> list[InstanceView]:
+        """Instances that may take ``phase`` of the request now: healthy, with capacity,
+        serving its model and phase, trusted (``_trusted``), and within their decode
+        targets (``_within_targets``). ``avoid``: the instances that failed the request."""
         model = rview.model_name
         types = self._types_for(phase, views)
         # ``v.has_capacity``, inlined (a property call per instance per request adds up)
@@ -461,9 +510,89 @@ class ControlPlane:
             and (model is None or v.model_name == model)
             and (types is None or v.instance_type in types)
         ]
+        if cands and (self._ejected or self._probing or avoid):
+            cands = self._trusted(cands, model, types, views, avoid)
         if self._tpot_targets and phase is not _PREFILL and len(cands) > 1:
             return self._within_targets(rview, cands)
         return cands
+
+    def _trusted(
+        self,
+        cands: list[InstanceView],
+        model: str | None,
+        types: tuple[ExecutionInstanceType, ...] | None,
+        views: dict[str, InstanceView],
+        avoid: tuple[str, ...],
+    ) -> list[InstanceView]:
+        """``cands`` less the suspects (ejected instances, those that failed this request)
+        and less the instances on probation that already hold their trickle of probe
+        requests. When none is left but the pool has a trusted instance (full now), the
+        request waits for it; when the whole pool is suspect, a request is better served
+        by a suspect instance than by none: the candidates not in ``avoid``, else all."""
+        ejected, probing = self._ejected, self._probing
+        limit = self.config.outliers.probe_concurrency
+        kept = [
+            v
+            for v in cands
+            if v.instance_id not in ejected
+            and v.instance_id not in avoid
+            and (v.instance_id not in probing or v.in_flight < limit)
+        ]
+        if kept:
+            return kept
+        if any(
+            v.is_healthy
+            and (model is None or v.model_name == model)
+            and (types is None or v.instance_type in types)
+            and v.instance_id not in ejected
+            and v.instance_id not in avoid
+            for v in views.values()
+        ):
+            return []
+        return [v for v in cands if v.instance_id not in avoid] or cands
+
+    def _record_outcome(self, instance_id: str | None, failed: bool, now: float) -> None:
+        """Count a request's outcome on its instance, and eject the instance when it has
+        become an outlier (``cpsim.outliers``) and the cap on ejections allows."""
+        inst = self._instances.get(instance_id or "")
+        if inst is None:
+            return
+        assert instance_id is not None
+        config = self.config.outliers
+        reason = inst.record_outcome(failed, now, config)
+        if failed:
+            self._erring.add(instance_id)
+        if not inst.outliers.probing:
+            self._probing.discard(instance_id)
+        if (
+            reason is None
+            or not config.enabled
+            or len(self._ejected) >= config.max_ejected(len(self._instances))
+        ):
+            return
+        inst.outliers.eject(now, reason, config)
+        self._probing.discard(instance_id)
+        until = inst.outliers.ejected_until_s
+        assert until is not None
+        self._ejected[instance_id] = until
+        self.metrics.on_ejection(instance_id, now, until, reason)
+
+    def _age_outcomes(self, now: float) -> None:
+        """Old failures stop counting (their instance's error rate falls)."""
+        window_s = self.config.outliers.window_s
+        for iid in list(self._erring):
+            inst = self._instances[iid]
+            inst.age_outcomes(now, window_s)
+            if inst.outliers.num_failed == 0:
+                self._erring.discard(iid)
+
+    def _end_ejections(self, now: float) -> None:
+        """Ejections that are over put their instance on probation."""
+        for iid, until in list(self._ejected.items()):
+            if until <= now:
+                del self._ejected[iid]
+                self._probing.add(iid)
+                self._instances[iid].end_ejection()
 
     def _within_targets(
         self, rview: RequestView, cands: list[InstanceView]
@@ -512,13 +641,33 @@ class ControlPlane:
             self._requeue_or_fail(req, now, reason, retryable=True)
         return affected
 
-    def _requeue_or_fail(self, req: RequestState, now: float, reason: str, retryable: bool) -> None:
+    def _requeue_or_fail(
+        self, req: RequestState, now: float, reason: str, retryable: bool, budgeted: bool = False
+    ) -> None:
+        """Requeue the request for another attempt, or fail it. ``budgeted``: the retry is
+        one the retry budget must allow (see ``ControlPlaneConfig``)."""
         can_retry = (
             retryable
             and self.config.on_instance_failure == "requeue"
             and req.first_token_s is None
             and req.attempts < self.config.max_attempts
         )
+        if can_retry and budgeted and not req.is_budgeted_retry:
+            budget = max(
+                float(self.config.min_retry_concurrency),
+                self.config.retry_budget_frac * len(self._requests),
+            )
+            if self._num_retrying + 1 > budget:
+                reason = (
+                    f"{reason}; not retried: the retry budget is spent ({self._num_retrying} "
+                    f"of {len(self._requests)} active requests are retries; "
+                    f"retry_budget_frac={self.config.retry_budget_frac}, "
+                    f"min_retry_concurrency={self.config.min_retry_concurrency})"
+                )
+                can_retry = False
+            else:
+                req.is_budgeted_retry = True
+                self._num_retrying += 1
         if not can_retry:
             self._terminate(req, RequestStatus.FAILED, now, reason)
             return
@@ -546,6 +695,8 @@ class ControlPlane:
         req.status = status
         req.finish_s = now
         req.reason = reason
+        if req.is_budgeted_retry:
+            self._num_retrying -= 1
         self._requests.pop(req.view.request_id, None)
         slo_met = self.metrics.on_terminal(req, self._instances)
         if status is _COMPLETED:
@@ -621,9 +772,15 @@ class ControlPlaneEvents:
         self.on_change(now)
 
     def on_failure(
-        self, request_id: str, instance_id: str, reason: str, now: float, retryable: bool = True
+        self,
+        request_id: str,
+        instance_id: str,
+        reason: str,
+        now: float,
+        retryable: bool = True,
+        instance_fault: bool = True,
     ) -> None:
-        self.core.on_failure(request_id, now, reason, retryable, instance_id)
+        self.core.on_failure(request_id, now, reason, retryable, instance_id, instance_fault)
         self.on_change(now)
 
     def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cpsim.outliers import OutlierConfig, OutlierState
 from cpsim.requests import RequestState
 from cpsim.types import ExecutionInstance, ExecutionInstanceType
 from cpsim.views import InstanceSnapshot, InstanceView, Phase, new_namedtuple
@@ -41,6 +42,7 @@ class InstanceState:
         "last_change_s",
         "num_running",
         "num_waiting",
+        "outliers",
         "pending_prefill_tokens",
         "recent_latency_ms",
         "recent_tpot_ms",
@@ -49,10 +51,15 @@ class InstanceState:
     )
 
     def __init__(
-        self, instance: ExecutionInstance, now: float, changed: set[str] | None = None
+        self,
+        instance: ExecutionInstance,
+        now: float,
+        changed: set[str] | None = None,
+        outcome_window: int = 20,
     ) -> None:
         """``changed``: a set the instance id is added to whenever its view changes (the
-        control plane refreshes only those views before a dispatch pass)."""
+        control plane refreshes only those views before a dispatch pass).
+        ``outcome_window``: how many recent outcomes the error rate is over."""
         self.instance = instance
         self._changed = changed
         # The static description, read once: ExecutionInstance documents everything but
@@ -84,6 +91,7 @@ class InstanceState:
         self.last_change_s = now
         self.busy_s = 0.0
         self.cost_share_s = 0.0
+        self.outliers = OutlierState(outcome_window)
         self._view: InstanceView | None = None
 
     def _touch(self) -> None:
@@ -158,6 +166,22 @@ class InstanceState:
         if changed:
             self._touch()
 
+    def record_outcome(self, failed: bool, now: float, config: OutlierConfig) -> str | None:
+        """Count a request's outcome here; returns why the instance should be ejected, or
+        None (``OutlierState.record``)."""
+        reason = self.outliers.record(failed, now, config)
+        self._touch()  # the error rate is in the view
+        return reason
+
+    def age_outcomes(self, now: float, window_s: float) -> None:
+        if self.outliers.age(now, window_s):
+            self._touch()
+
+    def end_ejection(self) -> None:
+        """Back from an ejection, on probation, with a clean error rate."""
+        self.outliers.start_probation()
+        self._touch()
+
     def set_health(self, healthy: bool) -> None:
         self.instance.is_healthy = healthy
         self._touch()
@@ -204,6 +228,7 @@ class InstanceState:
                     tail[7],
                     self.recent_ttft_ms,
                     self.recent_tpot_ms,
+                    self.outliers.error_rate,
                 ),
             )
         return view

@@ -254,8 +254,12 @@ class ControlPlaneManager:
         return self.core.instances()
 
     def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
+        """The seed's fields, then how the instance stands with outlier ejection
+        (``ejected``, ``ejected_for_s``, ``ejection_reason``, ``on_probation``,
+        ``error_rate``, ...; ``cpsim.outliers``)."""
         state = self.core.instance_state(instance_id)
         view = state.view()
+        now = self._now()
         return {
             "instance_id": instance_id,
             "active_requests": view.in_flight,
@@ -267,7 +271,8 @@ class ControlPlaneManager:
             "recent_tpot_ms": view.recent_tpot_ms,
             "is_healthy": view.is_healthy,
             "current_load": view.load_frac,
-            "gpu_utilization": state.busy_frac(self._now()),
+            "gpu_utilization": state.busy_frac(now),
+            **state.outliers.describe(now),
         }
 
     async def wait_for_instances(self, timeout_s: float | None = None) -> None:
@@ -369,8 +374,15 @@ class ControlPlaneManager:
         if self.core.status(request_id) is None:
             raise ValueError(f"request_id={request_id!r} is unknown")
         fut: asyncio.Future[RequestStatus] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(request_id, []).append(fut)
-        return await asyncio.wait_for(fut, timeout_s)
+        waiters = self._waiters.setdefault(request_id, [])
+        waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:  # a wait that timed out (or was cancelled) leaves nothing behind
+            if fut in waiters:
+                waiters.remove(fut)
+                if not waiters and self._waiters.get(request_id) is waiters:
+                    del self._waiters[request_id]
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no request is queued or running."""
@@ -390,7 +402,18 @@ class ControlPlaneManager:
         return self.core.metrics.records()
 
     def get_status(self) -> dict[str, Any]:
+        """``available_instances`` counts the healthy instances not ejected from routing;
+        ``ejected_instances`` says, for each ejected one, for how long and why."""
         views = self.core.instance_views()
+        now = self._now()
+        ejected = {}
+        for view in views:
+            health = self.core.instance_state(view.instance_id).outliers.describe(now)
+            if health["ejected"]:
+                ejected[view.instance_id] = {
+                    "ejected_for_s": health["ejected_for_s"],
+                    "reason": health["ejection_reason"],
+                }
         return {
             "running": self._running,
             "scheduling_policy": self.core.policy.name,
@@ -399,8 +422,11 @@ class ControlPlaneManager:
             "backend": self.backend.name,
             "pending_requests": self.core.num_queued,
             "running_requests": self.core.num_running,
-            "available_instances": sum(1 for v in views if v.is_healthy),
+            "available_instances": sum(
+                1 for v in views if v.is_healthy and v.instance_id not in ejected
+            ),
             "total_instances": len(views),
+            "ejected_instances": ejected,
         }
 
     def update_policy(self, scheduling_policy: str) -> None:

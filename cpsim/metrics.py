@@ -263,6 +263,8 @@ class MetricsCollector:
         self._instance_spans: dict[str, list[float]] = {}  # id -> [start, end or nan, $/h]
         self._gpu_util: dict[str, float] = {}
         self._gpu_mem_gb: dict[str, float] = {}
+        #: (instance_id, at_s, until_s, reason) of each outlier ejection, in order
+        self.ejections: list[tuple[str, float, float, str]] = []
 
     def on_instance_added(self, instance: ExecutionInstance, now: float) -> None:
         self._instance_spans[instance.instance_id] = [now, _NAN, instance.cost_per_hour]
@@ -272,6 +274,9 @@ class MetricsCollector:
         if span is not None:
             span[1] = now
             self._instance_spans[f"{instance_id}@{span[0]}"] = self._instance_spans.pop(instance_id)
+
+    def on_ejection(self, instance_id: str, now: float, until_s: float, reason: str) -> None:
+        self.ejections.append((instance_id, now, until_s, reason))
 
     def on_snapshot(self, snap: InstanceSnapshot, gpu_memory_gb: float, now: float) -> None:
         """A scrape of an instance with ``gpu_memory_gb`` of GPU memory over all its GPUs."""

@@ -16,9 +16,11 @@ class RequestState:
         "decode_instance_id",
         "dispatch_s",
         "extras",
+        "failed_on",
         "finish_s",
         "first_token_s",
         "instance_id",
+        "is_budgeted_retry",
         "last_token_s",
         "num_output_tokens",
         "phase",
@@ -55,6 +57,8 @@ class RequestState:
         self.cost_share_start = 0.0
         self.prefill_pending = False
         self.extras: dict[str, float] = {}
+        self.failed_on: tuple[str, ...] = ()  # instances that failed it (a retry avoids them)
+        self.is_budgeted_retry = False  # counted in the core's retry budget
 
     @property
     def request_id(self) -> str:

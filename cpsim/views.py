@@ -114,6 +114,9 @@ class InstanceView(NamedTuple):
     cost_per_gpu_hour: float
     recent_ttft_ms: float | None  # moving average over recent completions
     recent_tpot_ms: float | None
+    #: failed fraction of the instance's recent requests (``cpsim.outliers``): routers count
+    #: it as load, so an instance that fails fast does not look idle
+    recent_error_rate: float = 0.0
 
     @property
     def load_frac(self) -> float:

@@ -16,6 +16,7 @@ from backends.sim.kv_capacity import num_kv_blocks
 from backends.sim.replica import ReplicaConfig
 from cpsim.core import ControlPlane, ControlPlaneConfig
 from cpsim.models import load_model_spec
+from cpsim.outliers import OutlierConfig
 from cpsim.profiles import ProfiledLatencyModel
 from cpsim.types import (
     DecodingConfig,
@@ -88,6 +89,14 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
     return out
 
 
+def core_config(core: Mapping[str, Any]) -> ControlPlaneConfig:
+    """``core:`` of a run config as a ControlPlaneConfig (its ``outliers:`` as an
+    OutlierConfig)."""
+    settings = dict(core)
+    outliers = OutlierConfig(**dict(settings.pop("outliers", None) or {}))
+    return ControlPlaneConfig(**settings, outliers=outliers)
+
+
 def build_replicas(
     cluster: Mapping[str, Any],
     profile: ProfiledLatencyModel,
@@ -140,7 +149,7 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         policy=_with_latency_model(cfg.policy, profile),
         router=_seeded(cfg.router, cfg.seed),
         pd_policy=pd_policy,
-        config=ControlPlaneConfig(**_plain(cfg.core)),
+        config=core_config(_plain(cfg.core)),
     )
     replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
     sim = ClusterSimulation(

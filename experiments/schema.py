@@ -9,11 +9,29 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class OutlierSchema:
+    enabled: bool = True
+    consecutive_failures: int = 5
+    failure_rate: float = 0.5
+    window: int = 20
+    window_s: float = 10.0
+    min_requests: int = 10
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejected_frac: float = 0.5
+    probe_concurrency: int = 1
+    probe_successes: int = 3
+
+
+@dataclass
 class CoreSchema:
     max_queue_len: int | None = None
     on_instance_failure: str = "requeue"
     max_attempts: int = 3
     queue_timeout_s: float | None = None
+    retry_budget_frac: float = 0.2
+    min_retry_concurrency: int = 3
+    outliers: OutlierSchema = field(default_factory=OutlierSchema)
 
 
 @dataclass

@@ -185,3 +185,12 @@ def test_multirun_writes_one_summary_per_job_and_load_runs_reads_them(tmp_path: 
 def test_load_runs_without_summaries_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no summary\.json"):
         load_runs(tmp_path)
+
+
+def test_the_black_hole_table_runs_and_ejection_pays_off() -> None:
+    from experiments.black_hole import run
+
+    on = run("round_robin", True, 300, 2.0)
+    off = run("round_robin", False, 300, 2.0)
+    assert on["completed_frac"] >= 0.95 and on["ejections"] >= 1
+    assert off["completed_frac"] < on["completed_frac"] and off["ejections"] == 0

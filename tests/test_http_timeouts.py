@@ -1,9 +1,11 @@
-"""HTTPBackend's stream timeouts, against a stand-in OpenAI server that stalls on purpose.
+"""HTTPBackend's stream timeouts and failing servers, against a stand-in OpenAI server that
+misbehaves on purpose.
 
-A real vLLM server does not stall on cue, so these run against a small aiohttp server:
-one instance never sends a first token, one sends a token and then nothing. The manager
-must retry the first request elsewhere (no token yet) and fail the second with a reason
-naming the timeout (a token already streamed cannot be taken back)."""
+A real vLLM server does not stall or fail on cue, so these run against a small aiohttp
+server: one instance never sends a first token, one sends a token and then nothing, one
+answers every request with a 500 at once (a black hole). The manager must retry the first
+request elsewhere (no token yet), fail the second with a reason naming the timeout (a
+token already streamed cannot be taken back), and keep the traffic off the black hole."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ web = pytest.importorskip("aiohttp.web")
 from backends.vllm.http import HTTPBackend  # noqa: E402
 from cpsim.manager import ControlPlaneManager  # noqa: E402
 from cpsim.types import ExecutionInstance, RequestMetadata, RequestStatus  # noqa: E402
+from policies import ROUTERS  # noqa: E402
 
 TIMEOUT_S = 0.3
 
@@ -31,10 +34,12 @@ def _chunk(token_ids: list[int], finish: str | None = None) -> bytes:
 
 def _server(mode: str, release: asyncio.Event) -> Any:
     """``mode``: "silent" (headers, then nothing until ``release``), "one_token" (one token,
-    then the same) or "ok" (all tokens at once)."""
+    then the same), "fail" (HTTP 500 at once) or "ok" (all tokens at once)."""
 
     async def completions(request: Any) -> Any:
         body = await request.json()
+        if mode == "fail":
+            return web.Response(status=500, text="engine error")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if mode == "ok":
@@ -77,12 +82,18 @@ async def _serve(
     return runners, instances
 
 
-async def _run(modes: dict[str, str], requests: list[RequestMetadata]) -> dict[str, Any]:
+async def _run(
+    modes: dict[str, str],
+    requests: list[RequestMetadata],
+    router: str = "round_robin",
+    gap_s: float = 0.0,
+) -> dict[str, Any]:
+    """Serve ``requests`` (one every ``gap_s``) over one stand-in server per mode."""
     release = asyncio.Event()
     runners, instances = await _serve(modes, release)
     backend = HTTPBackend(first_token_timeout_s=TIMEOUT_S, idle_timeout_s=TIMEOUT_S,
                           health_interval_s=5.0)
-    cp = ControlPlaneManager(routing_strategy="round_robin", backend=backend,
+    cp = ControlPlaneManager(routing_strategy=router, backend=backend,
                              enable_monitoring=False)
     try:
         for inst in instances:
@@ -90,6 +101,8 @@ async def _run(modes: dict[str, str], requests: list[RequestMetadata]) -> dict[s
         await cp.start()
         for meta in requests:
             await cp.submit_request(meta)
+            if gap_s:
+                await asyncio.sleep(gap_s)
         statuses = {m.request_id: await cp.wait_for_request(m.request_id, timeout_s=10.0)
                     for m in requests}
         return {"statuses": statuses, "records": cp.get_request_records()}
@@ -117,3 +130,20 @@ def test_a_stream_that_stalls_after_a_token_fails_with_the_timeout_as_reason() -
     assert out["statuses"]["r0"] is RequestStatus.FAILED
     reason = str(records.loc["r0", "reason"])
     assert "no next chunk within 0.3 s (after 1 tokens)" in reason and "stall" in reason
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_a_server_that_fails_every_request_at_once_does_not_capture_the_traffic(
+    router: str,
+) -> None:
+    """The black hole finishes (fails) its requests instantly, so it looks the least loaded;
+    before failure-aware routing load-aware routers sent it everything, retries included."""
+    requests = [
+        RequestMetadata(f"r{i}", user_id=f"u{i % 7}", num_prompt_tokens=8, max_tokens=4)
+        for i in range(100)
+    ]
+    out = asyncio.run(_run({"hole": "fail", "ok": "ok"}, requests, router, gap_s=0.005))
+    statuses = list(out["statuses"].values())
+    assert statuses.count(RequestStatus.COMPLETED) >= 95, out["records"]["reason"].value_counts()
+    records = out["records"]
+    assert (records.loc[records["status"] == "COMPLETED", "instance_id"] == "ok").all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 
 import pandas as pd
 import pytest
@@ -318,3 +319,22 @@ def test_unregister_and_register_again_reach_the_backend_in_order() -> None:
         assert backend.log[-1] == ("remove", "a")
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("backends.sim.live", "SimBackend"),
+        ("backends.vllm.http", "HTTPBackend"),
+        ("backends.vllm.async_engine", "AsyncLLMBackend"),
+    ],
+)
+def test_a_backend_told_of_an_instance_before_start_says_how_to_register_it(
+    module: str, name: str
+) -> None:
+    """Through the manager, registering before start works (the seed does it); a backend
+    driven by hand and told of an instance before its start raises a clear error, not a
+    bare AssertionError."""
+    backend = getattr(importlib.import_module(module), name)()
+    with pytest.raises(RuntimeError, match=rf"{name}.add_instance\('a'\) was called before"):
+        asyncio.run(backend.add_instance(ExecutionInstance("a")))

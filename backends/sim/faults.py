@@ -1,4 +1,4 @@
-"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, at a given time."""
+"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, a black hole."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Literal
 
 from cpsim.validation import check_choice, check_non_negative, check_positive
 
-FaultKind = Literal["crash", "stall", "slowdown"]
-FAULT_KINDS = ("crash", "stall", "slowdown")
+FaultKind = Literal["crash", "stall", "slowdown", "fail"]
+FAULT_KINDS = ("crash", "stall", "slowdown", "fail")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,12 +18,16 @@ class Fault:
     crash: every request on the replica is lost (the control plane is told once, with
     ``on_instance_failure``) and the replica comes back empty after ``duration_s``;
     stall: no progress for ``duration_s`` (a step in flight finishes that much later;
-    snapshots go on); slowdown: step times are multiplied by ``factor`` meanwhile."""
+    snapshots go on); slowdown: step times are multiplied by ``factor`` meanwhile; fail (a
+    black hole): the replica stays up and healthy but fails each request submitted
+    meanwhile ``fail_after_s`` after it arrives, as an engine that answers every request
+    with an error at once (requests already on it go on)."""
 
     kind: FaultKind
     at_s: float
     duration_s: float | None = None
     factor: float = 1.0
+    fail_after_s: float = 0.01
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, FAULT_KINDS)
@@ -31,6 +35,7 @@ class Fault:
         if self.duration_s is not None:
             check_positive("duration_s", self.duration_s)
         check_positive("factor", self.factor)
+        check_non_negative("fail_after_s", self.fail_after_s)
         if self.kind == "slowdown" and self.factor < 1.0:
             raise ValueError(f"factor={self.factor!r} is not allowed; a slowdown needs factor >= 1")
 

@@ -20,7 +20,7 @@ from backends.sim.handoff import KVTransfers
 from backends.sim.kv_capacity import num_kv_blocks
 from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica
-from cpsim.backend import Clock, EngineEvents
+from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
 from cpsim.datafiles import data_names
 from cpsim.latency import StepLatencyModel
@@ -92,6 +92,7 @@ class SimBackend:
             self._task = None
 
     async def add_instance(self, instance: ExecutionInstance) -> bool:
+        check_started(self, self._events, instance.instance_id)
         self._advance()
         model = self._model_of(instance)
         config = ReplicaConfig.from_instance(
@@ -108,7 +109,7 @@ class SimBackend:
         replica = SimReplica(
             instance.instance_id, config, self._latency_of(instance, model), blocks
         )
-        assert self._events is not None, "start the backend before adding instances"
+        assert self._events is not None
         proc = ReplicaProcess(self.env, replica, self._events)
         self._replicas[instance.instance_id] = _Replica(proc, config, model)
         return True

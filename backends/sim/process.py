@@ -92,6 +92,11 @@ class ReplicaProcess:
         self._deferred_aborts: list[str] = []
         self._ingress_s, self._egress_s = request_path_s(replica.latency)
         self._arriving: dict[str, SimRequest] = {}  # submitted, still on the ingress path
+        # a "fail" fault (black hole): until when, how soon each request fails, and the
+        # requests due to fail
+        self._failing_until_s = -_INF
+        self._fail_after_s = 0.0
+        self._doomed: set[str] = set()
 
     # ------------------------------------------------------------------ inputs
     def submit(self, req: SimRequest, phase: Phase) -> None:
@@ -104,12 +109,16 @@ class ReplicaProcess:
             raise ValueError("a DECODE request needs prompt_cached=True (its KV is handed off)")
         now = self.clock.now()
         reason = self._cannot_serve(req)
-        if reason is not None:
-            self.events.on_failure(req.request_id, self.instance_id, reason, now, not self.is_up)
+        if reason is not None:  # the request's fault while up, else the instance's
+            down = not self.is_up
+            self.events.on_failure(req.request_id, self.instance_id, reason, now, down, down)
             return
         if req.arrival_time_s == 0.0:
             req.arrival_time_s = float(now)
         self._phases[req.request_id] = phase
+        if self._failing_until_s > now:
+            self._fail_later(req.request_id)
+            return
         if self._ingress_s > 0.0:
             self._arriving[req.request_id] = req
             self.clock.call_later(self._ingress_s, lambda _event: self._admit(req))
@@ -146,6 +155,9 @@ class ReplicaProcess:
         if self._phases.pop(request_id, None) is None:
             return False
         if self._arriving.pop(request_id, None) is not None:  # not in the engine yet
+            return True
+        if request_id in self._doomed:
+            self._doomed.discard(request_id)
             return True
         if self._in_run:  # a decode run in flight: the abort applies when it stops
             self._deferred_aborts.append(request_id)
@@ -395,6 +407,21 @@ class ReplicaProcess:
         self.events.on_finish(rid, iid, req.num_output_tokens, now, extras)
 
     # ------------------------------------------------------------------ faults
+    def _fail_later(self, request_id: str) -> None:
+        """A black hole: the request fails ``fail_after_s`` from now, unless aborted."""
+        self._doomed.add(request_id)
+
+        def fail(_event: WakeUp) -> None:
+            if request_id not in self._doomed:
+                return
+            self._doomed.discard(request_id)
+            del self._phases[request_id]
+            now = self.clock.now()
+            reason = f"instance {self.instance_id} failed the request (fail fault)"
+            self.events.on_failure(request_id, self.instance_id, reason, now)
+
+        self.clock.call_later(self._fail_after_s, fail)
+
     def _fault(self, fault: Fault) -> Generator[simpy.Event, Any, None]:
         env = self.env
         if fault.at_s > env.now:
@@ -405,6 +432,9 @@ class ReplicaProcess:
             if duration < _INF:
                 yield env.timeout(duration)
                 self.recover()
+        elif fault.kind == "fail":
+            self._failing_until_s = max(self._failing_until_s, env.now + duration)
+            self._fail_after_s = fault.fail_after_s
         elif fault.kind == "stall":
             self._stalled_until_s = max(self._stalled_until_s, env.now + duration)
             if self._step_start_s is not None:
@@ -440,6 +470,7 @@ class ReplicaProcess:
         self.replica.clear()
         self._phases.clear()
         self._arriving.clear()
+        self._doomed.clear()
         self._in_run = False
         self._deferred_aborts.clear()
         self._state = _IDLE

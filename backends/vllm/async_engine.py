@@ -39,7 +39,7 @@ from backends.vllm.engine_args import TINY_MODEL_DIR, instance_engine_args
 from backends.vllm.local_engine import LocalEngine, start_local_engine
 from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
-from cpsim.backend import Clock, EngineEvents
+from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_positive
@@ -95,6 +95,7 @@ class AsyncLLMBackend:
 
     async def add_instance(self, instance: ExecutionInstance) -> bool:
         iid = instance.instance_id
+        check_started(self, self._events, iid)
         if iid in self._engines:
             raise ValueError(f"instance_id={iid!r} already has an engine")
         adopted = self._adopted.get(iid)
@@ -230,7 +231,9 @@ class AsyncLLMBackend:
         if engine.errored:
             self._mark_dead(iid, reason)
         invalid = isinstance(exc, ValueError | TypeError)  # e.g. VLLMValidationError
-        events.on_failure(rid, iid, reason, now, retryable=n == 0 and not invalid)
+        events.on_failure(
+            rid, iid, reason, now, retryable=n == 0 and not invalid, instance_fault=not invalid
+        )
 
     def _mark_dead(self, instance_id: str, reason: str) -> None:
         if instance_id in self._dead or self._events is None:

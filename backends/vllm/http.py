@@ -22,7 +22,7 @@ from typing import Any
 from backends.vllm.metrics_scrape import MetricsScraper
 from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
-from cpsim.backend import Clock, EngineEvents
+from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_positive
@@ -114,6 +114,7 @@ class HTTPBackend:
         """Add a server after one /health check: True when it passed; else the server is
         down until a later check of the health loop passes (``on_instance_recovered``)."""
         iid = instance.instance_id
+        check_started(self, self._events, iid)
         if iid in self._servers:
             raise ValueError(f"instance_id={iid!r} is already added")
         vocab = int(instance.metadata.get("vocab_size", 32000))
@@ -249,13 +250,15 @@ class HTTPBackend:
         assert events is not None
         reason = f"instance {iid}: {exc}"
         retryable = num == 0
+        instance_fault = True  # the server's, unless it says the request was at fault
         if isinstance(exc, StreamBroken):
             self._note_failure(server, reason)
         elif isinstance(exc, ServerError):
             retryable = retryable and exc.retryable
+            instance_fault = exc.retryable
         elif isinstance(exc, ValueError):  # bad prompt ids
-            retryable = False
-        events.on_failure(d.request_id, iid, reason, self._clock(), retryable)
+            retryable = instance_fault = False
+        events.on_failure(d.request_id, iid, reason, self._clock(), retryable, instance_fault)
 
     # ------------------------------------------------------------------ health, metrics
     def _note_failure(self, server: _Server, reason: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from cpsim.types import RequestMetadata
 from cpsim.validation import check_positive, check_range
 from cpsim.views import InstanceView, RequestView
-from policies.routing.ranking import outstanding_frac, pick_least_loaded
+from policies.routing.ranking import effective_load, pick_least_loaded
 
 #: Requests that name no user carry this id; pinning them all to one instance would pile
 #: every anonymous request onto it, so they go to the least loaded instance instead.
@@ -20,7 +20,7 @@ ANONYMOUS_USER_ID = str(
 
 class AffinityRouter:
     """The pinned instance while it is a candidate (healthy, with capacity, serving the
-    request) and its load (outstanding over capacity) is below ``max_load_frac``; otherwise
+    request) and its load (``ranking.effective_load``) is below ``max_load_frac``; otherwise
     the least loaded candidate, which becomes the user's new pin. The pin table keeps the
     ``max_pinned_users`` most recently routed users."""
 
@@ -43,7 +43,7 @@ class AffinityRouter:
             return pick_least_loaded(candidates, request.parallelism_hint)
         pinned = self.pins.get(user)
         for view in candidates:
-            if view.instance_id == pinned and outstanding_frac(view) < self.max_load_frac:
+            if view.instance_id == pinned and effective_load(view) < self.max_load_frac:
                 self.pins.move_to_end(user)
                 return view
         choice = pick_least_loaded(candidates, request.parallelism_hint)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from cpsim.prefix import prompt_block_hashes
 from cpsim.validation import check_positive, check_range
 from cpsim.views import InstanceView, RequestView
-from policies.routing.ranking import outstanding_frac
+from policies.routing.ranking import effective_load
 
 
 class PrefixIndex:
@@ -47,7 +47,7 @@ class PrefixIndex:
 
 class PrefixCacheScorer:
     """Expected prefix-hit fraction (matched leading blocks over the request's full blocks),
-    set to 0 on candidates more than ``max_load_gap_frac`` busier (outstanding over capacity)
+    set to 0 on candidates more than ``max_load_gap_frac`` busier (``ranking.effective_load``)
     than the least busy one, so a hot prefix spills instead of piling onto one instance."""
 
     def __init__(
@@ -72,10 +72,10 @@ class PrefixCacheScorer:
         hashes = self.block_hashes(request)
         if not hashes or not candidates:
             return [0.0 for _ in candidates]
-        least = min(outstanding_frac(v) for v in candidates)
+        least = min(effective_load(v) for v in candidates)
         scores = []
         for view in candidates:
-            if outstanding_frac(view) - least > self.max_load_gap_frac:
+            if effective_load(view) - least > self.max_load_gap_frac:
                 scores.append(0.0)
             else:
                 scores.append(self.index.matched_blocks(view.instance_id, hashes) / len(hashes))

@@ -9,17 +9,21 @@ from cpsim.types import ParallelismType
 from cpsim.views import InstanceView
 
 
-def outstanding_frac(view: InstanceView) -> float:
-    """Outstanding requests (ours or the engine's count, the larger) over capacity."""
+def effective_load(view: InstanceView) -> float:
+    """Outstanding requests (ours or the engine's count, the larger) over capacity, plus
+    the instance's recent error rate: a failed request is cost, not free capacity, so an
+    instance that fails everything at once looks as busy as a full one, not idle."""
     engine = view.num_running + view.num_waiting  # view.outstanding, inlined: a hot path
     ours = view.in_flight
-    return (ours if ours > engine else engine) / view.max_concurrent_requests
+    return (ours if ours > engine else engine) / view.max_concurrent_requests + (
+        view.recent_error_rate
+    )
 
 
 def load_key(view: InstanceView) -> tuple[float, int, float]:
-    """Smaller is less loaded: outstanding work over capacity, then prompt tokens still
-    waiting for prefill, then KV-cache usage."""
-    return (outstanding_frac(view), view.pending_prefill_tokens, view.kv_cache_usage_frac)
+    """Smaller is less loaded: ``effective_load``, then prompt tokens still waiting for
+    prefill, then KV-cache usage."""
+    return (effective_load(view), view.pending_prefill_tokens, view.kv_cache_usage_frac)
 
 
 def hint_miss(view: InstanceView, hint: ParallelismType | None) -> int:
@@ -49,11 +53,11 @@ def pick_least_loaded(
     if hint is not None or not candidates:
         return pick_min(candidates, load_key, hint)
     best = candidates[0]
-    best_frac = outstanding_frac(best)
+    best_frac = effective_load(best)
     best_pending, best_kv = best.pending_prefill_tokens, best.kv_cache_usage_frac
     for k in range(1, len(candidates)):
         view = candidates[k]
-        frac = outstanding_frac(view)
+        frac = effective_load(view)
         if frac > best_frac:
             continue
         pending, kv = view.pending_prefill_tokens, view.kv_cache_usage_frac

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from cpsim.validation import check_non_negative
 from cpsim.views import InstanceView, RequestView
-from policies.routing.ranking import hint_miss, load_key, outstanding_frac
+from policies.routing.ranking import effective_load, hint_miss, load_key
 
 #: Scores closer than this count as equal, so the parallelism hint can break the tie.
 SCORE_TIE_EPS = 1e-9
@@ -23,7 +23,7 @@ class LoadScorer:
     """1 for an idle instance, 0 for one at (or above) capacity."""
 
     def score(self, request: RequestView, candidates: Sequence[InstanceView]) -> list[float]:
-        return [max(0.0, 1.0 - outstanding_frac(v)) for v in candidates]
+        return [max(0.0, 1.0 - effective_load(v)) for v in candidates]
 
 
 class KVUsageScorer:

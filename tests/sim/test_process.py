@@ -32,7 +32,9 @@ class Recorder:
     def on_finish(self, request_id, instance_id, num_output_tokens, now, extras=None) -> None:  # type: ignore[no-untyped-def]
         self.log.append(("finish", request_id, now, num_output_tokens, dict(extras or {})))
 
-    def on_failure(self, request_id, instance_id, reason, now, retryable=True) -> None:  # type: ignore[no-untyped-def]
+    def on_failure(  # type: ignore[no-untyped-def]
+        self, request_id, instance_id, reason, now, retryable=True, instance_fault=True
+    ) -> None:
         self.log.append(("failure", request_id, now, retryable))
 
     def on_instance_failure(self, instance_id, reason, now) -> None:  # type: ignore[no-untyped-def]
