@@ -45,8 +45,9 @@ class ControlPlaneConfig:
     """Core settings. ``on_instance_failure``: what happens to a request whose instance
     fails before it produced a token ("requeue" up to ``max_attempts`` dispatches, or
     "fail"); a request that already streamed tokens always fails, as its tokens cannot be
-    taken back. A retry goes to another instance than the ones that failed the request when
-    one can take it. ``queue_timeout_s``: a request queued longer fails (None: never).
+    taken back. A retry goes to another instance than the ones that failed the request while
+    one serves it (waiting for it when it is full). ``queue_timeout_s``: a request queued
+    longer fails (None: never).
 
     The retry budget (Envoy's): requests failed by an engine are retried only while at most
     max(``min_retry_concurrency``, ``retry_budget_frac`` x active requests) active requests
@@ -558,6 +559,11 @@ class ControlPlane:
         if inst is None:
             return
         assert instance_id is not None
+        health = inst.outliers
+        if not failed and health.num_failed == 0 and not health.consecutive_failures and (
+            not health.probing
+        ):
+            return  # nothing on record to dilute or reset: every request that ends well
         config = self.config.outliers
         reason = inst.record_outcome(failed, now, config)
         if failed:

@@ -76,7 +76,13 @@ class OutlierConfig:
 
 class OutlierState:
     """One instance's recent outcomes and where it stands: trusted, ejected (until
-    ``ejected_until_s``, because of ``reason``) or on probation."""
+    ``ejected_until_s``, because of ``reason``) or on probation.
+
+    The control plane records a success only while a failure is on record (or the instance
+    is on probation): on a clean instance a success would change nothing but the window's
+    length, and it is every request's last event. So the window starts at the first
+    failure: one failure alone is an error rate of 1 until the outcomes after it dilute it
+    (on a busy instance, its requests in flight, within moments)."""
 
     __slots__ = (
         "consecutive_failures",

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 
+from cpsim.outliers import OutlierConfig
 
-@dataclass
-class OutlierSchema:
-    enabled: bool = True
-    consecutive_failures: int = 5
-    failure_rate: float = 0.5
-    window: int = 20
-    window_s: float = 10.0
-    min_requests: int = 10
-    base_ejection_s: float = 30.0
-    max_ejection_s: float = 300.0
-    max_ejected_frac: float = 0.5
-    probe_concurrency: int = 1
-    probe_successes: int = 3
+
+def _schema_of(cls: type) -> Any:
+    """A structured-config twin of the dataclass ``cls`` (same fields, types and defaults),
+    so the schema cannot drift from the class it configures."""
+    hints = get_type_hints(cls)
+    return make_dataclass(
+        f"{cls.__name__}Schema",
+        [(f.name, hints[f.name], field(default=f.default)) for f in fields(cls)],
+    )
+
+
+OutlierSchema = _schema_of(OutlierConfig)
 
 
 @dataclass
