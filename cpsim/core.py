@@ -47,7 +47,8 @@ class ControlPlaneConfig:
     "fail"); a request that already streamed tokens always fails, as its tokens cannot be
     taken back. A retry goes to another instance than the ones that failed the request while
     one serves it (waiting for it when it is full). ``queue_timeout_s``: a request queued
-    longer fails (None: never).
+    longer fails (None: never), and so does one prefilled that waits longer for a decode
+    instance (its prefill instance is told to let go of its KV: ``take_aborts``).
 
     The retry budget (Envoy's): requests failed by an engine are retried only while at most
     max(``min_retry_concurrency``, ``retry_budget_frac`` x active requests) active requests
@@ -155,6 +156,7 @@ class ControlPlane:
         self._probing: set[str] = set()
         self._erring: set[str] = set()  # instances with failures among their recent outcomes
         self._num_retrying = 0  # active requests that are retries, for the retry budget
+        self._aborts: list[Abort] = []  # the core's own (an expired hand-off), for the driver
         self._seq = 0
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
@@ -692,6 +694,32 @@ class ControlPlane:
         for req in expired:
             self._remove_queued(req)
             self._terminate(req, RequestStatus.FAILED, now, f"queued longer than {timeout} s")
+        if self._handoffs:
+            self._expire_handoffs(now, timeout)
+
+    def _expire_handoffs(self, now: float, timeout: float) -> None:
+        """Prefilled requests no decode instance took within ``timeout`` fail; their
+        prefill instance is told to let go of their KV (an Abort for the driver)."""
+        for req in list(self._handoffs.values()):
+            assert req.prefill_done_s is not None
+            if now - req.prefill_done_s <= timeout:
+                continue
+            source = req.instance_id
+            self._release(req, now)
+            if source is not None:
+                self._aborts.append(Abort(req.view.request_id, source))
+            self._terminate(
+                req,
+                RequestStatus.FAILED,
+                now,
+                f"prefilled on {source}, but no decode instance took it within {timeout} s",
+            )
+
+    def take_aborts(self) -> list[Abort]:
+        """Aborts the core decided on its own since the last call (an expired hand-off);
+        a driver carries them out after each ``dispatch``."""
+        aborts, self._aborts = self._aborts, []
+        return aborts
 
     def _remove_queued(self, req: RequestState) -> None:
         self._queue.remove(req)
@@ -731,6 +759,11 @@ class ControlPlane:
     @property
     def num_active(self) -> int:
         return len(self._requests)
+
+    @property
+    def num_handoffs(self) -> int:
+        """Prefilled requests waiting for a decode instance."""
+        return len(self._handoffs)
 
     @property
     def num_running(self) -> int:

@@ -447,6 +447,8 @@ class ControlPlaneManager:
                 self._pump_again = False
                 for d in self.core.dispatch(self._now()):
                     self._send(d)
+                for abort in self.core.take_aborts():
+                    self.backend.abort(abort)
                 again = self._pump_again
         finally:
             self._pumping = False

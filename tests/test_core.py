@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cpsim import (
+    Abort,
     ControlPlane,
     ControlPlaneConfig,
     DecodingConfig,
@@ -254,6 +255,27 @@ def test_a_prefill_failure_during_the_handoff_wait_requeues_once() -> None:
     cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.7)
     (again,) = cp.dispatch(0.7)  # a new prefill, no hand-off of the lost KV
     assert (again.phase, again.instance_id) == (Phase.PREFILL, "p")
+
+
+def test_a_handoff_no_decode_instance_takes_fails_at_the_queue_timeout_and_frees_the_kv() -> None:
+    cp = ControlPlane(
+        SCHEDULING_POLICIES["fifo"](),
+        ROUTERS["round_robin"](),
+        AlwaysPrefill(),
+        ControlPlaneConfig(queue_timeout_s=2.0),
+    )
+    cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
+    cp.on_arrival(req("long", max_tokens=8), 0.0)
+    cp.dispatch(0.0)
+    cp.on_prefill_done("long", 0.5, "p")
+    assert cp.dispatch(2.5) == [] and cp.take_aborts() == []  # waited 2.0 s: not yet
+    cp.dispatch(2.6)
+    assert cp.status("long") is None and cp.num_handoffs == 0
+    assert cp.take_aborts() == [Abort("long", "p")]  # the prefill instance lets go of the KV
+    assert cp.take_aborts() == []
+    assert cp.instance_state("p").view().in_flight == 0
+    (reason,) = cp.metrics.records()["reason"].tolist()
+    assert reason == "prefilled on p, but no decode instance took it within 2.0 s"
 
 
 def test_cost_shares_add_up_to_busy_cost() -> None:

@@ -176,6 +176,37 @@ def test_pd_separation_over_scripted_backend() -> None:
     run(main())
 
 
+def test_handoffs_whose_only_decode_instance_died_end_at_the_queue_timeout() -> None:
+    """Five long prompts prefilling when the only decode instance fails: they used to stay
+    RUNNING (15 s and more, queue_timeout_s=2), the prefill instance holding their KV."""
+
+    async def main() -> None:
+        backend = ScriptedBackend(Timetable(ttft_s=0.2, tpot_s=0.001))
+        cp = manager(
+            backend=backend,
+            enable_pd_separation=True,
+            pd_config=PDSeparationConfig(enabled=True, prefilling_threshold_input_tokens=800),
+            config=ControlPlaneConfig(queue_timeout_s=2.0),
+        )
+        cp.register_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING))
+        cp.register_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING))
+        await cp.start()
+        ids = [f"r{i}" for i in range(5)]
+        for rid in ids:
+            await cp.submit_request(RequestMetadata(rid, num_prompt_tokens=2000, max_tokens=4))
+        backend.fail_instance("d")
+        statuses = [await cp.wait_for_request(rid, timeout_s=4.0) for rid in ids]
+        active = cp.get_instance_metrics("p")["active_requests"]
+        reasons = {cp.get_request_reason(rid) for rid in ids}
+        await cp.stop()
+        assert statuses == [RequestStatus.FAILED] * 5
+        assert reasons == {"prefilled on p, but no decode instance took it within 2.0 s"}
+        assert active == 0
+        assert {(a.request_id, a.instance_id) for a in backend.aborted} == {(r, "p") for r in ids}
+
+    run(main())
+
+
 class GatedBackend(ScriptedBackend):
     """A scripted backend whose instances attach only when the test opens ``gate``, ready or
     not as ``ready`` says, and which logs the adds and removes it is asked for."""

@@ -259,7 +259,8 @@ class ClusterSimulation:
                 cp.on_instance_update(snap, now)
                 if self.series is not None:
                     self.series.add(snap, len(cp.instance_state(iid).in_flight), queued)
-            if cp.num_queued:  # what policies see changed: queued requests may fit now
+            # what policies see changed: queued requests (and hand-offs) may fit now
+            if cp.num_queued or cp.num_handoffs:
                 self._dispatch(now)
             yield env.timeout(self.scrape_interval_s)
 
@@ -275,6 +276,9 @@ class ClusterSimulation:
     def _dispatch(self, now: float) -> None:
         for d in self.cp.dispatch(now):
             self._start(d, now)
+        for abort in self.cp.take_aborts():  # an expired hand-off: the prefill KV goes
+            if not self.procs[abort.instance_id].abort(abort.request_id):
+                self.transfers.cancel(abort.request_id)
 
     def _start(self, d: Dispatch, now: float) -> None:
         spec = self.specs[d.instance_id]
