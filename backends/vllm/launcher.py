@@ -149,10 +149,7 @@ class LaunchedEngine:
         """SIGTERM to the group, SIGKILL to whatever is left after ``grace_s``."""
         if self.process is None:
             return
-        self.kill(signal.SIGTERM)
-        if self.wait_gone(grace_s):
-            self.kill(signal.SIGKILL)
-            self.wait_gone(5.0)
+        end_group(self.pid, grace_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1.0)
 
