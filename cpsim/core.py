@@ -155,6 +155,7 @@ class ControlPlane:
         self._ejected: dict[str, float] = {}
         self._probing: set[str] = set()
         self._erring: set[str] = set()  # instances with failures among their recent outcomes
+        self._draining: set[str] = set()  # taking no new requests, finishing what they hold
         self._num_retrying = 0  # active requests that are retries, for the retry budget
         self._aborts: list[Abort] = []  # the core's own (an expired hand-off), for the driver
         self._seq = 0
@@ -186,8 +187,22 @@ class ControlPlane:
         self._ejected.pop(instance_id, None)
         self._probing.discard(instance_id)
         self._erring.discard(instance_id)
+        self._draining.discard(instance_id)
         self.metrics.on_instance_removed(instance_id, now)
         return affected
+
+    def drain_instance(self, instance_id: str) -> None:
+        """Route nothing new to the instance (nor hand-offs to it); what it holds runs to
+        its end. The driver unregisters it once ``num_on_instance`` is 0."""
+        self._instance(instance_id)
+        self._draining.add(instance_id)
+
+    def is_draining(self, instance_id: str) -> bool:
+        return instance_id in self._draining
+
+    def num_on_instance(self, instance_id: str) -> int:
+        """Requests on the instance: running there, or prefilled there awaiting hand-off."""
+        return len(self._instance(instance_id).in_flight)
 
     def on_instance_failure(self, instance_id: str, now: float, reason: str) -> list[str]:
         """The instance crashed: mark it unhealthy; requests on it are requeued or failed."""
@@ -513,6 +528,8 @@ class ControlPlane:
             and (model is None or v.model_name == model)
             and (types is None or v.instance_type in types)
         ]
+        if cands and self._draining:
+            cands = [v for v in cands if v.instance_id not in self._draining]
         if cands and (self._ejected or self._probing or avoid):
             cands = self._trusted(cands, model, types, views, avoid)
         if self._tpot_targets and phase is not _PREFILL and len(cands) > 1:

@@ -70,6 +70,13 @@ class RouterSwitch:
         self._router = make_router(name)
         self._strategy = name
 
+    def use(self, router: Router, routing_strategy: str) -> None:
+        """Route with ``router``, built elsewhere (from a Hydra config, with its knobs),
+        reported under the registry name ``routing_strategy``."""
+        lookup(ROUTERS, routing_strategy, "routing_strategy")
+        self._router = router
+        self._strategy = routing_strategy
+
     @property
     def name(self) -> str:
         return self._strategy
@@ -250,6 +257,22 @@ class ControlPlaneManager:
         self._pump()
         return True
 
+    async def drain_instance(self, instance_id: str, timeout_s: float | None = None) -> bool:
+        """Take the instance out of service without losing a request: nothing new is routed
+        to it, what it holds finishes there, then it is unregistered. Past ``timeout_s``
+        it is unregistered anyway (what it still held is requeued or failed, as
+        ``unregister_instance`` does). True if it emptied in time."""
+        self.core.drain_instance(instance_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self.core.num_on_instance(instance_id):
+            if deadline is not None and loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        emptied = self.core.num_on_instance(instance_id) == 0
+        self.unregister_instance(instance_id)
+        return emptied
+
     def get_instances(self) -> list[ExecutionInstance]:
         return self.core.instances()
 
@@ -402,8 +425,10 @@ class ControlPlaneManager:
         return self.core.metrics.records()
 
     def get_status(self) -> dict[str, Any]:
-        """``available_instances`` counts the healthy instances not ejected from routing;
-        ``ejected_instances`` says, for each ejected one, for how long and why."""
+        """``available_instances`` counts the healthy instances not ejected from routing
+        nor draining;
+        ``ejected_instances`` says, for each ejected one, for how long and why;
+        ``draining_instances`` lists those finishing their requests before they leave."""
         views = self.core.instance_views()
         now = self._now()
         ejected = {}
@@ -423,10 +448,17 @@ class ControlPlaneManager:
             "pending_requests": self.core.num_queued,
             "running_requests": self.core.num_running,
             "available_instances": sum(
-                1 for v in views if v.is_healthy and v.instance_id not in ejected
+                1
+                for v in views
+                if v.is_healthy
+                and v.instance_id not in ejected
+                and not self.core.is_draining(v.instance_id)
             ),
             "total_instances": len(views),
             "ejected_instances": ejected,
+            "draining_instances": [
+                v.instance_id for v in views if self.core.is_draining(v.instance_id)
+            ],
         }
 
     def update_policy(self, scheduling_policy: str) -> None:

@@ -369,3 +369,28 @@ def test_a_backend_told_of_an_instance_before_start_says_how_to_register_it(
     backend = getattr(importlib.import_module(module), name)()
     with pytest.raises(RuntimeError, match=rf"{name}.add_instance\('a'\) was called before"):
         asyncio.run(backend.add_instance(ExecutionInstance("a")))
+
+
+def test_drain_instance_finishes_what_it_holds_and_routes_nothing_new_to_it() -> None:
+    async def main() -> None:
+        cp = manager(backend=ScriptedBackend(Timetable(ttft_s=0.05, tpot_s=0.01)))
+        cp.register_instance(ExecutionInstance("a", max_concurrent_requests=4))
+        cp.register_instance(ExecutionInstance("b", max_concurrent_requests=4))
+        await cp.start()
+        held = [await cp.submit_request(RequestMetadata(f"r{i}", max_tokens=20)) for i in range(4)]
+        drain = asyncio.create_task(cp.drain_instance("a", timeout_s=5))
+        await asyncio.sleep(0.01)
+        assert cp.get_status()["draining_instances"] == ["a"]
+        later = [await cp.submit_request(RequestMetadata(f"s{i}", max_tokens=2)) for i in range(4)]
+        assert await drain is True  # emptied in time, then unregistered
+        assert [i.instance_id for i in cp.get_instances()] == ["b"]
+        for rid in held + later:
+            assert await cp.wait_for_request(rid, timeout_s=5) is RequestStatus.COMPLETED
+        df = cp.get_request_records().set_index("request_id")
+        assert set(df.loc[later, "instance_id"]) == {"b"}
+        assert set(df.loc[held, "instance_id"]) == {"a", "b"}
+        with pytest.raises(ValueError, match="not registered"):
+            await cp.drain_instance("zz")
+        await cp.stop()
+
+    run(main())
