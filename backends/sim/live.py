@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import simpy
@@ -18,7 +19,7 @@ import simpy
 from backends.sim.cluster import KVLink, sim_request_for
 from backends.sim.handoff import KVTransfers
 from backends.sim.kv_capacity import num_kv_blocks
-from backends.sim.process import ReplicaProcess
+from backends.sim.process import ReplicaProcess, TokenReports
 from backends.sim.replica import ReplicaConfig, SimReplica
 from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
@@ -27,9 +28,10 @@ from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec, load_model_spec
 from cpsim.profiles import load_profile
 from cpsim.roofline import RooflineLatencyModel
+from cpsim.streams import ClientStream, synthetic_text, text_chunk, usage_chunk
 from cpsim.types import ExecutionInstance
-from cpsim.validation import check_positive
-from cpsim.views import Phase
+from cpsim.validation import check_choice, check_positive
+from cpsim.views import InstanceSnapshot, Phase
 
 
 class _Replica:
@@ -37,6 +39,77 @@ class _Replica:
 
     def __init__(self, proc: ReplicaProcess, config: ReplicaConfig, model: ModelSpec) -> None:
         self.proc, self.config, self.model = proc, config, model
+
+
+class _ClientEvents:
+    """The replicas' engine events, passed on; for a request a client waits for
+    (``client_streams``), each token also becomes text: the simulated engine's output."""
+
+    def __init__(self, events: EngineEvents, streams: dict[str, ClientStream]) -> None:
+        self.events = events
+        self.streams = streams
+        self.sent: dict[str, int] = {}  # tokens written per streamed request
+        self.prompt_tokens: dict[str, int] = {}
+
+    def _write(self, request_id: str, num_tokens: int) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None and num_tokens > 0:
+            start = self.sent.get(request_id, 0)
+            self.sent[request_id] = start + num_tokens
+            text = synthetic_text(start, num_tokens)
+            stream.on_chunk(text_chunk(stream, request_id, text, first=start == 0))
+
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self._write(request_id, 1)
+        self.events.on_first_token(request_id, instance_id, now)
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self._write(request_id, num_tokens)
+        self.events.on_tokens(request_id, instance_id, num_tokens, now)
+
+    def on_prefill_done(self, request_id: str, instance_id: str, now: float) -> None:
+        self.events.on_prefill_done(request_id, instance_id, now)
+
+    def on_finish(
+        self,
+        request_id: str,
+        instance_id: str,
+        num_output_tokens: int,
+        now: float,
+        extras: Mapping[str, float] | None = None,
+    ) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            self._write(request_id, num_output_tokens - self.sent.get(request_id, 0))
+            stream.on_chunk(text_chunk(stream, request_id, "", finish_reason="length"))
+            prompt = self.prompt_tokens.get(request_id, 0)
+            stream.on_chunk(usage_chunk(stream, request_id, prompt, num_output_tokens))
+        self.forget(request_id)
+        self.events.on_finish(request_id, instance_id, num_output_tokens, now, extras)
+
+    def on_failure(
+        self,
+        request_id: str,
+        instance_id: str,
+        reason: str,
+        now: float,
+        retryable: bool = True,
+        instance_fault: bool = True,
+    ) -> None:
+        self.events.on_failure(request_id, instance_id, reason, now, retryable, instance_fault)
+
+    def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:
+        self.events.on_instance_failure(instance_id, reason, now)
+
+    def on_instance_recovered(self, instance_id: str, now: float) -> None:
+        self.events.on_instance_recovered(instance_id, now)
+
+    def on_snapshot(self, snapshot: InstanceSnapshot, now: float) -> None:
+        self.events.on_snapshot(snapshot, now)
+
+    def forget(self, request_id: str) -> None:
+        self.sent.pop(request_id, None)
+        self.prompt_tokens.pop(request_id, None)
 
 
 class SimBackend:
@@ -48,7 +121,11 @@ class SimBackend:
     ``metadata["profile"]`` (a conf/profile name) or ``metadata["latency_model"]`` (an
     object), else a RooflineLatencyModel of the model on ``instance.gpu_type``.
     ``time_scale`` is simulated seconds per wall second (10 = ten times faster than real);
-    the manager reads it and keeps its clock, hence its metrics, in simulated seconds."""
+    the manager reads it and keeps its clock, hence its metrics, in simulated seconds.
+    ``token_reports="step"`` reports tokens after every engine step (what a streaming
+    client sees: the gateway sets it); ``"finish"`` only the first and the count at the end.
+    ``client_streams``: requests clients wait for (``cpsim.streams``), by id: their tokens
+    come out as text, one word a token."""
 
     name = "sim"
 
@@ -59,14 +136,19 @@ class SimBackend:
         scrape_interval_s: float = 0.5,
         kv_link: KVLink | None = None,
         gpu_memory_utilization: float = 0.9,
+        token_reports: TokenReports = "finish",
     ) -> None:
         check_positive("time_scale", time_scale)
+        check_choice("token_reports", token_reports, ("finish", "step"))
         check_positive("scrape_interval_s", scrape_interval_s)
         self.time_scale = time_scale
         self.default_model = default_model
         self.scrape_interval_s = scrape_interval_s
         self.kv_link = kv_link or KVLink()
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.token_reports = token_reports
+        self.client_streams: dict[str, ClientStream] = {}
+        self._client_events: _ClientEvents | None = None
         self.env = simpy.Environment()
         self.transfers = KVTransfers(self.env)
         self._replicas: dict[str, _Replica] = {}
@@ -78,7 +160,8 @@ class SimBackend:
 
     # ------------------------------------------------------------------ Backend
     async def start(self, events: EngineEvents, clock: Clock) -> None:
-        self._events, self._clock = events, clock
+        self._clock = clock
+        self._events = self._client_events = _ClientEvents(events, self.client_streams)
         self.env = simpy.Environment(initial_time=clock())
         self.transfers = KVTransfers(self.env)
         self.env.process(self._scrapes())
@@ -110,7 +193,10 @@ class SimBackend:
             instance.instance_id, config, self._latency_of(instance, model), blocks
         )
         assert self._events is not None
-        proc = ReplicaProcess(self.env, replica, self._events)
+        step = self.token_reports == "step"
+        proc = ReplicaProcess(
+            self.env, replica, self._events, self.token_reports, use_decode_runs=not step
+        )
         self._replicas[instance.instance_id] = _Replica(proc, config, model)
         return True
 
@@ -123,6 +209,8 @@ class SimBackend:
         self._advance()
         entry = self._replicas[dispatch.instance_id]
         req = sim_request_for(dispatch, entry.config, self.env.now)
+        if self._client_events is not None and dispatch.request_id in self.client_streams:
+            self._client_events.prompt_tokens[dispatch.request_id] = dispatch.request.prompt_tokens
         if dispatch.phase is Phase.DECODE:
             kv_bytes = dispatch.request.prompt_tokens * entry.model.kv_bytes_per_token()
             delay_s = self.kv_link.transfer_s(kv_bytes)
@@ -133,6 +221,8 @@ class SimBackend:
 
     def abort(self, abort: Abort) -> None:
         self._advance()
+        if self._client_events is not None:
+            self._client_events.forget(abort.request_id)
         entry = self._replicas.get(abort.instance_id)
         if entry is not None and not entry.proc.abort(abort.request_id):
             self.transfers.cancel(abort.request_id)  # still travelling to the decode replica

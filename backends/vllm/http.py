@@ -8,6 +8,9 @@ An instance is checked once when added, and routed to only once a check has pass
 first good probe after that reports ``on_instance_recovered``. ``/metrics`` is scraped every
 ``scrape_interval_s`` into InstanceSnapshots. A cancel closes the stream (vLLM then aborts).
 PREFILL/DECODE dispatches use vLLM's ``kv_transfer_params`` protocol (see ``pd``).
+A request a client waits for (``client_streams``, the gateway's: ``cpsim.streams``) is sent
+as the client's own body to its endpoint (completions or chat), and every chunk the engine
+streams goes back to the client.
 Needs aiohttp (``pip install -e ".[http]"``), imported when the backend starts.
 """
 
@@ -24,6 +27,7 @@ from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
 from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
+from cpsim.streams import ClientStream
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_positive
 from cpsim.views import Phase
@@ -77,6 +81,7 @@ class HTTPBackend:
         self.scrape_interval_s = scrape_interval_s
         self.model = model
         self.extra_body = dict(extra_body or {})
+        self.client_streams: dict[str, ClientStream] = {}
         self._servers: dict[str, _Server] = {}
         self._handoffs = HandoffStore()
         self._events: EngineEvents | None = None
@@ -165,9 +170,17 @@ class HTTPBackend:
             self.connect_timeout_s, self.first_token_timeout_s, self.idle_timeout_s
         )
 
+    def _url(self, d: Dispatch, server: _Server) -> str:
+        client = self.client_streams.get(d.request_id)
+        api = "completions" if client is None else client.api.replace(".", "/")
+        return f"{server.endpoint}/v1/{api}"
+
     def _body(self, d: Dispatch, server: _Server, max_tokens: int, stream: bool) -> dict[str, Any]:
         from backends.vllm.http_stream import completion_body
 
+        client = self.client_streams.get(d.request_id)
+        if client is not None:
+            return self._client_body(d, client, stream)
         extra = dict(self.extra_body)
         if self.model is not None:
             extra["model"] = self.model
@@ -179,6 +192,22 @@ class HTTPBackend:
                 extra["kv_transfer_params"] = params
         ids = prompt_token_ids(d.request, server.vocab_size)
         return completion_body(ids, max_tokens, stream, extra)
+
+    def _client_body(self, d: Dispatch, client: ClientStream, stream: bool) -> dict[str, Any]:
+        """The client's body (streamed, with usage and token ids: the gateway set them);
+        a PREFILL of it computes one token and keeps the KV for the decode engine."""
+        body = dict(client.body)
+        if self.model is not None:
+            body["model"] = self.model
+        if d.phase is Phase.PREFILL:
+            body.update(max_tokens=1, stream=False, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+            body.pop("stream_options", None)
+            body.pop("max_completion_tokens", None)
+        elif d.phase is Phase.DECODE:
+            params = self._handoffs.pop(d.request_id)
+            if params:
+                body["kv_transfer_params"] = params
+        return body
 
     async def _serve(self, d: Dispatch, server: _Server) -> None:
         from backends.vllm.http_stream import stream_completion
@@ -199,9 +228,15 @@ class HTTPBackend:
 
         try:
             body = self._body(d, server, d.request.max_tokens, stream=True)
-            url = f"{server.endpoint}/v1/completions"
+            client = self.client_streams.get(rid)
             result = await stream_completion(
-                self._session, url, body, {"X-Request-Id": rid}, self._timeouts(), on_tokens
+                self._session,
+                self._url(d, server),
+                body,
+                {"X-Request-Id": rid},
+                self._timeouts(),
+                on_tokens,
+                None if client is None else client.on_chunk,
             )
         except asyncio.CancelledError:
             raise
@@ -225,9 +260,8 @@ class HTTPBackend:
         assert events is not None
         try:
             body = self._body(d, server, 1, stream=False)
-            url = f"{server.endpoint}/v1/completions"
             result = await prefill_completion(
-                self._session, url, body, {"X-Request-Id": rid}, self._timeouts()
+                self._session, self._url(d, server), body, {"X-Request-Id": rid}, self._timeouts()
             )
         except asyncio.CancelledError:
             raise

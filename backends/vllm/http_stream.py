@@ -65,6 +65,15 @@ def completion_body(
     return body
 
 
+def _num_tokens(choice: Mapping[str, Any]) -> int:
+    ids = choice.get("token_ids")
+    if ids is not None:
+        return len(ids)
+    delta = choice.get("delta")
+    text = choice.get("text") if delta is None else delta.get("content")
+    return 1 if text else 0
+
+
 def _client_timeout(t: StreamTimeouts) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
 
@@ -82,10 +91,12 @@ async def stream_completion(
     headers: Mapping[str, str],
     timeouts: StreamTimeouts,
     on_tokens: Callable[[int], None],
+    on_chunk: Callable[[dict[str, Any]], None] | None = None,
 ) -> StreamResult:
-    """POST a streaming completion and call ``on_tokens(k)`` for each chunk carrying k > 0
-    new token ids (a chunk can carry several). Returns at ``[DONE]``. Cancelling the caller
-    closes the connection, which makes vLLM abort the request."""
+    """POST a streaming completion (or chat completion) and call ``on_tokens(k)`` for each
+    chunk carrying k > 0 new tokens (a chunk can carry several: its ``token_ids``, else one
+    for a chunk with text), after ``on_chunk(chunk)`` when given. Returns at ``[DONE]``.
+    Cancelling the caller closes the connection, which makes vLLM abort the request."""
     loop = asyncio.get_running_loop()
     num, finish, usage = 0, None, None
     try:
@@ -111,8 +122,10 @@ async def stream_completion(
                             code = error.get("code") if isinstance(error, dict) else None
                             status = int(code or 500)
                             raise ServerError(f"error event: {error}", status)
+                        if on_chunk is not None:
+                            on_chunk(chunk)
                         for choice in chunk.get("choices") or []:
-                            k = len(choice.get("token_ids") or ())
+                            k = _num_tokens(choice)
                             if k:
                                 num += k
                                 on_tokens(k)
