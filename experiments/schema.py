@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 
 from cpsim.outliers import OutlierConfig
+from cpsim.serve.limits import Limit
 
 
-def _schema_of(cls: type) -> Any:
+def _schema_of(cls: type, types: dict[str, Any] | None = None) -> Any:
     """A structured-config twin of the dataclass ``cls`` (same fields, types and defaults),
-    so the schema cannot drift from the class it configures."""
-    hints = get_type_hints(cls)
+    so the schema cannot drift from the class it configures. ``types``: fields whose
+    schema is another one (a nested section)."""
+    hints = {**get_type_hints(cls), **(types or {})}
+
+    def default(f: Any) -> Any:
+        if f.name in (types or {}):
+            return field(default_factory=hints[f.name])
+        if f.default is MISSING and f.default_factory is not MISSING:
+            return field(default_factory=f.default_factory)
+        return field(default=f.default)
+
     return make_dataclass(
-        f"{cls.__name__}Schema",
-        [(f.name, hints[f.name], field(default=f.default)) for f in fields(cls)],
+        f"{cls.__name__}Schema", [(f.name, hints[f.name], default(f)) for f in fields(cls)]
     )
 
 
 OutlierSchema = _schema_of(OutlierConfig)
+LimitSchema = _schema_of(Limit)
 
 
 @dataclass
@@ -63,5 +73,28 @@ class RunSchema:
     faults: list[Any] = field(default_factory=list)
 
 
+def _server_schema() -> Any:
+    from cpsim.serve.app import ServerSettings  # needs the serve extra: only `cpsim serve` does
+
+    return _schema_of(ServerSettings, {"per_key": LimitSchema, "per_user": LimitSchema})
+
+
 def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunSchema)
+
+
+def register_serve() -> None:
+    """The schema of conf/serve/config.yaml (its ``server:`` from ServerSettings)."""
+
+    @dataclass
+    class ServeSchema:
+        core: CoreSchema = field(default_factory=CoreSchema)
+        server: Any = field(default_factory=_server_schema())
+        policy: Any = None
+        router: Any = None
+        pd: Any = None
+        cluster: Any = None
+        profile: Any = None
+        backend: Any = None
+
+    ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

@@ -29,6 +29,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("policy", "router", "pd", "cluster", "workload", "profile", "study", "parallelism")
 #: Groups the live manager uses, not the simulation config: each option is checked on its own.
 STANDALONE = ("backend",)
+#: Folders of other primary configs (conf/serve/config.yaml: ``cpsim serve``), tested below.
+PRIMARY = ("serve",)
 #: Groups that conf/config.yaml's defaults list does not name (appended with ``+group=``).
 APPENDED: tuple[str, ...] = ()
 
@@ -58,7 +60,7 @@ CASES = [
 def test_every_group_directory_is_covered() -> None:
     """A new group (a conf/ folder with options) must be added to GROUPS to be tested here."""
     dirs = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
-    assert dirs == set(GROUPS) | set(STANDALONE)
+    assert dirs == set(GROUPS) | set(STANDALONE) | set(PRIMARY)
     assert all(options(g) for g in GROUPS)
 
 
@@ -228,3 +230,54 @@ def test_unknown_group_option_fails_with_hydras_error(group: str, option: str) -
     with pytest.raises(MissingConfigException, match=f"Could not find '{group}/{option}'") as err:
         compose_config([f"{group}={option}"])
     assert all(name in str(err.value) for name in options(group))  # lists what is available
+
+
+def compose_serve(overrides: list[str]) -> DictConfig:
+    from experiments.schema import register_serve
+
+    register_serve()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="serve/config", overrides=overrides)
+
+
+@pytest.mark.parametrize("backend", options("backend"))
+def test_the_serve_config_composes_with_every_backend(backend: str) -> None:
+    pytest.importorskip("fastapi")
+    cfg = compose_serve([f"backend={backend}", "server.port=8080"])
+    assert cfg.server.port == 8080
+    assert cfg.backend._target_.startswith("backends.")
+    with pytest.raises(Exception, match="portt"):
+        compose_serve(["server.portt=1"])
+
+
+def test_cpsim_serve_builds_the_configured_gateway() -> None:
+    pytest.importorskip("fastapi")
+    from omegaconf import OmegaConf
+
+    from experiments.serve import build_gateway
+
+    cfg = compose_serve(["router=power_of_two", "policy=priority", "server.api_keys=[k]"])
+    choices = {"router": "power_of_two", "policy": "priority"}
+    gateway, engines = build_gateway(cfg, choices)
+    assert engines == []
+    manager = gateway.manager
+    assert [i.instance_id for i in manager.get_instances()] == [
+        "ondemand-0", "ondemand-1", "spot-0", "spot-1"
+    ]
+    assert manager.router.routing_strategy == "power_of_two"
+    assert manager.core.policy.name == "priority"
+    assert gateway.api_keys == {"k"}
+    assert manager.backend.token_reports == "step"
+
+    cfg = compose_serve(["backend=vllm_http", "cluster=vllm_endpoints"])
+    gateway, _ = build_gateway(cfg, {})
+    endpoints = [i.endpoint for i in gateway.manager.get_instances()]
+    assert endpoints == ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
+    cluster = OmegaConf.to_container(cfg.cluster)
+    cluster["endpoints"][0]["colour"] = "red"
+    from experiments.serve import endpoint_instances
+
+    with pytest.raises(ValueError, match="colour"):
+        endpoint_instances(cluster)
+    with pytest.raises(ValueError, match="names no engines"):
+        build_gateway(compose_serve(["backend=vllm_http"]), {"cluster": "small"})

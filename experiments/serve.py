@@ -1,0 +1,159 @@
+"""``cpsim serve`` (or ``python -m experiments.serve``): the OpenAI-compatible gateway.
+
+Composes conf/serve/config.yaml: the cluster's instances are registered with a
+``ControlPlaneManager`` over the chosen backend, with the chosen policy, router and PD
+policy, and ``cpsim.serve.app`` serves them under uvicorn. With ``backend=vllm_http`` a
+cluster with a ``vllm:`` section has its engines started by the launcher (and stopped when
+the gateway stops); one with ``endpoints:`` names engines already running. With
+``backend=sim`` the replicas are simulated in wall time: the whole server runs with no engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cpsim.manager import ControlPlaneManager
+from cpsim.types import ExecutionInstance
+from experiments.build import _with_latency_model, build_instances, core_config
+from experiments.schema import register_serve
+
+log = logging.getLogger("cpsim.serve")
+register_serve()
+
+ENDPOINT_KEYS = {
+    "host", "port", "instance_type", "tensor_parallel_size", "pipeline_parallel_size",
+    "cost_per_gpu_hour", "max_concurrent_requests", "max_model_len", "instance_id",
+}
+
+
+def endpoint_instances(cluster: Mapping[str, Any]) -> list[ExecutionInstance]:
+    """One instance per entry of ``cluster["endpoints"]`` (engines already running)."""
+    out = []
+    for i, entry in enumerate(cluster["endpoints"]):
+        entry = dict(entry)
+        unknown = set(entry) - ENDPOINT_KEYS
+        if unknown:
+            raise ValueError(
+                f"endpoints[{i}] keys {sorted(unknown)} are unknown; allowed: "
+                f"{sorted(ENDPOINT_KEYS)}"
+            )
+        limit = entry.pop("max_model_len", None)
+        out.append(
+            ExecutionInstance(
+                instance_id=entry.pop("instance_id", f"engine-{i}"),
+                model_name=cluster["model"],
+                gpu_type=cluster.get("gpu_type", "A100-80GB"),
+                gpu_memory_gb=cluster.get("gpu_memory_gb", 80.0),
+                metadata={} if limit is None else {"max_model_len": int(limit)},
+                **entry,
+            )
+        )
+    return out
+
+
+def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """The gateway of ``cfg`` and the engines launched for it (to stop at the end)."""
+    from backends.sim.live import SimBackend
+    from cpsim.serve.app import Gateway, ServerSettings
+
+    cluster: dict[str, Any] = OmegaConf.to_container(cfg.cluster, resolve=True)  # type: ignore[assignment]
+    backend = instantiate(cfg.backend)
+    pd_on = bool(cfg.get("pd"))
+    engines: list[Any] = []
+    if isinstance(backend, SimBackend):
+        backend.token_reports = "step"  # clients see tokens as the engine steps
+        instances = build_instances(cluster, pd_on)
+    elif cluster.get("endpoints"):
+        instances = endpoint_instances(cluster)
+    elif cluster.get("vllm"):
+        from backends.vllm.launcher import launch
+
+        section = dict(cluster["vllm"])
+        if pd_on and not section.get("kv_shared_storage_path"):
+            raise ValueError("pd needs cluster.vllm.kv_shared_storage_path (a KV connector)")
+        log.info("starting %s vLLM servers ...", section.get("num_instances", 1))
+        engines = launch(cluster)
+        instances = [e.instance for e in engines]
+    else:
+        raise ValueError(
+            f"cluster {choices.get('cluster')!r} names no engines for backend "
+            f"{backend.name!r}: give it `endpoints:` (running servers) or `vllm:` (the "
+            "launcher starts them), or serve with backend=sim"
+        )
+    profile = instantiate(cfg.profile) if cfg.get("profile") else None
+    manager = ControlPlaneManager(
+        scheduling_policy=str(choices.get("policy", "fifo")),
+        routing_strategy=str(choices.get("router", "load_balanced")),
+        enable_pd_separation=pd_on,
+        backend=backend,
+        config=core_config(OmegaConf.to_container(cfg.core, resolve=True)),  # type: ignore[arg-type]
+    )
+    # the configured objects, knobs and all, in place of the registry defaults
+    manager.core.policy = (
+        _with_latency_model(cfg.policy, profile) if profile else instantiate(cfg.policy)
+    )
+    manager.router.use(instantiate(cfg.router), str(choices.get("router", "load_balanced")))
+    manager.core.pd_policy = instantiate(cfg.pd) if pd_on else None
+    for instance in instances:
+        if profile is not None:
+            instance.metadata["latency_model"] = profile
+        manager.register_instance(instance)
+    settings = ServerSettings(**OmegaConf.to_container(cfg.server, resolve=True))  # type: ignore[arg-type]
+    return Gateway(manager, settings), engines
+
+
+def serve(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
+    import uvicorn
+
+    from cpsim.serve.app import create_app
+
+    gateway, engines = build_gateway(cfg, choices)
+    settings = gateway.settings
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # new requests get 503; in-flight ones have shutdown_grace_s, then are cancelled
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(gateway.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    def exit_cleanly(sig: int, frame: Any) -> None:
+        # uvicorn raises the signal it stopped for once it has shut down: exit through
+        # Python, so that `finally` stops the engines the launcher started
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    config = uvicorn.Config(
+        create_app(gateway),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # the gateway cancels what is left at the grace's end; a moment to send the news
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 2,
+    )
+    try:
+        Server(config).run()
+    finally:
+        if engines:
+            from backends.vllm.launcher import stop
+
+            stop(engines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve/config")
+def main(cfg: DictConfig) -> None:
+    serve(cfg, HydraConfig.get().runtime.choices)
+
+
+if __name__ == "__main__":
+    main()

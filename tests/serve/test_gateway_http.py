@@ -1,0 +1,167 @@
+"""The gateway over the HTTP backend, in front of stand-in engines (experiments/fake_engine):
+the client's body reaches the engine, the engine's answer reaches the client, engine errors
+come back as errors, and an engine that dies or fails everything loses no request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("aiohttp")
+
+from gateway_fixture import run, running_gateway, start_server  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from backends.vllm.http import HTTPBackend  # noqa: E402
+from cpsim.types import ExecutionInstance  # noqa: E402
+from experiments.fake_engine import FakeEngine  # noqa: E402
+
+MODEL = "tiny-llama"
+
+
+async def engines(n: int, **kw: object) -> list[tuple[FakeEngine, object, object, int]]:
+    out = []
+    for _ in range(n):
+        engine = FakeEngine(MODEL, **kw)  # type: ignore[arg-type]
+        server, task, port = await start_server(engine.app)
+        out.append((engine, server, task, port))
+    return out
+
+
+def instances(ports: list[int]) -> list[ExecutionInstance]:
+    return [
+        ExecutionInstance(f"engine-{i}", host="127.0.0.1", port=port, model_name=MODEL,
+                          max_concurrent_requests=32, metadata={"max_model_len": 2048})
+        for i, port in enumerate(ports)
+    ]
+
+
+def backend() -> HTTPBackend:
+    return HTTPBackend(health_interval_s=0.1, unhealthy_after=2, scrape_interval_s=0.2)
+
+
+def counts(text: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "cpsim:requests_total":
+                out[(s.labels["status"], s.labels["reason"])] = s.value
+    return out
+
+
+async def stop(fakes: list) -> None:  # type: ignore[type-arg]
+    for _engine, server, task, _port in fakes:
+        server.should_exit = True
+        await task
+
+
+def test_the_clients_body_goes_to_the_engine_and_its_answer_comes_back() -> None:
+    async def main() -> None:
+        fakes = await engines(1)
+        engine = fakes[0][0]
+        try:
+            async with running_gateway(instances([fakes[0][3]]), backend=backend()) as (
+                _gw, url
+            ):
+                c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+                async with c:
+                    stream = await c.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                        max_tokens=4, temperature=0.5, stream=True,
+                        stream_options={"include_usage": True},
+                        extra_body={"priority": "high", "top_k": 5},
+                    )
+                    chunks = [ch async for ch in stream]
+                    text = "".join(ch.choices[0].delta.content or "" for ch in chunks
+                                   if ch.choices)
+                    assert text == " t0 t1 t2 t3"
+                    assert chunks[-1].usage.completion_tokens == 4
+                    assert not hasattr(chunks[0].choices[0], "token_ids") or (
+                        chunks[0].choices[0].token_ids is None)  # not asked for
+                    sent = engine.requests[-1]
+                    assert sent["messages"] == [{"role": "user", "content": "hello"}]
+                    assert sent["temperature"] == 0.5 and sent["top_k"] == 5
+                    assert "priority" not in sent  # cpsim's, not the engine's
+                    done = await c.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+                    assert done.choices[0].text == " t0 t1 t2"
+                    assert done.choices[0].finish_reason == "length"
+                    assert done.usage.completion_tokens == 3
+                    # the engine's own refusal comes back with its status and message
+                    with pytest.raises(openai.BadRequestError, match="temperature"):
+                        await c.completions.create(model=MODEL, prompt="hi", temperature=5)
+        finally:
+            await stop(fakes)
+
+    run(main())
+
+
+def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
+    async def main() -> None:
+        fakes = await engines(2, token_delay_s=0.01)
+        ports = [f[3] for f in fakes]
+        try:
+            async with running_gateway(instances(ports), backend=backend()) as (gw, url):
+                async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+                    async def one(i: int) -> int:
+                        body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 50}
+                        return (await http.post("/v1/completions", json=body)).status_code
+
+                    first = [asyncio.create_task(one(i)) for i in range(20)]
+                    await asyncio.sleep(0.2)
+                    fakes[0][1].should_exit = True  # engine-0 goes away mid-stream
+                    fakes[0][1].force_exit = True
+                    await fakes[0][2]
+                    codes = await asyncio.gather(*first)
+                    for _ in range(100):
+                        if not gw.manager.get_instance_metrics("engine-0")["is_healthy"]:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert not gw.manager.get_instance_metrics("engine-0")["is_healthy"]
+                    after = await asyncio.gather(*(one(100 + i) for i in range(10)))
+                assert after == [200] * 10  # all on engine-1
+                records = gw.manager.get_request_records()
+                assert len(records) == 30 and records["request_id"].is_unique
+                assert set(records.tail(10)["instance_id"]) == {"engine-1"}
+                # what was mid-stream on engine-0 ended FAILED with a reason; no request is
+                # still running, and each counts once in /metrics
+                statuses = records["status"].astype(str).value_counts().to_dict()
+                assert statuses.get("COMPLETED", 0) == codes.count(200) + 10
+                assert statuses.get("FAILED", 0) == codes.count(502)
+                assert codes.count(200) + codes.count(502) == 20
+                assert gw.manager.core.num_active == 0
+                text = (await httpx.AsyncClient().get(f"{url}/metrics")).text
+                assert sum(counts(text).values()) == 30
+        finally:
+            await stop(fakes[1:])
+
+    run(main())
+
+
+def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> None:
+    async def main() -> None:
+        fakes = await engines(2)
+        fakes[0][0].fail_all = True
+        try:
+            async with running_gateway(instances([f[3] for f in fakes]), backend=backend()) as (
+                _gw, url
+            ):
+                async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                    codes = []
+                    for wave in range(10):
+                        codes += await asyncio.gather(*(
+                            http.post("/v1/completions", json={
+                                "model": MODEL, "prompt": f"{wave}-{i}", "max_tokens": 3})
+                            for i in range(4)
+                        ))
+                    assert [r.status_code for r in codes] == [200] * 40
+                    text = (await http.get("/metrics")).text
+                assert counts(text) == {("COMPLETED", "finished"): 40.0}
+                assert len(fakes[0][0].requests) <= 10  # a few tries, then it is avoided
+        finally:
+            await stop(fakes)
+
+    run(main())
