@@ -208,14 +208,24 @@ def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> l
     types = list(c.get("instance_types") or ["general"])
     binds = list(c.get("cpu_binds") or [])
     logs = Path(log_dir or c.get("log_dir") or tempfile.mkdtemp(prefix="vllm-launch-"))
+    served_name = Path(model_dir).name
+    if c.get("made_up_tokenizer"):  # text and chat with dummy weights and no download
+        from backends.vllm.tiny_tokenizer import write_tiny_model
+
+        model_dir = str(write_tiny_model(logs / "model", Path(model_dir)))
     args: dict[str, Any] = {
         "model": model_dir,
+        # the name clients and the gateway ask for: the instances' model_name
+        "served_model_name": served_name,
         "load_format": c.get("load_format", "dummy"),
         "tensor_parallel_size": tp,
         **dict(c.get("engine_args") or {}),
     }
     if c.get("kv_shared_storage_path"):
         args["kv_transfer_config"] = example_connector_config(c["kv_shared_storage_path"])
+    metadata: dict[str, Any] = {"vocab_size": _vocab_size(model_dir), "launched": True}
+    if args.get("max_model_len") is not None:
+        metadata["max_model_len"] = int(args["max_model_len"])  # the gateway checks it
     engines = []
     for i in range(num):
         port = base_port + i
@@ -238,13 +248,13 @@ def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> l
             iid,
             host=host,
             port=port,
-            model_name=Path(model_dir).name,
+            model_name=str(args["served_model_name"]),
             tensor_parallel_size=tp,
             gpu_type="cpu",
             cost_per_gpu_hour=0.0,
             max_concurrent_requests=int(c.get("max_concurrent_requests", 64)),
             instance_type=types[i % len(types)],
-            metadata={"vocab_size": _vocab_size(model_dir), "launched": True},
+            metadata=dict(metadata),
         )
         engines.append(LaunchedEngine(instance, command, env, logs / f"{iid}.log"))
     return engines

@@ -57,6 +57,10 @@ def test_plan_turns_the_cluster_config_into_commands(make_cluster_config: Any) -
     assert "--skip-tokenizer-init" in cmd and "--enforce-eager" in cmd
     assert '"ExampleConnector"' in cmd[cmd.index("--kv-transfer-config") + 1]
     assert engines[1].instance.metadata["vocab_size"] == 32000
+    # the server serves the name the instance is registered under (what clients ask for)
+    assert cmd[cmd.index("--served-model-name") + 1] == engines[0].instance.model_name
+    assert engines[0].instance.model_name == "tiny-llama"
+    assert engines[0].instance.metadata["max_model_len"] == 2048
 
 
 def test_launched_servers_answer_in_their_own_process_groups_on_their_own_cores(
