@@ -93,12 +93,13 @@ async def stream_completion(
     on_tokens: Callable[[int], None],
     on_chunk: Callable[[dict[str, Any]], None] | None = None,
 ) -> StreamResult:
-    """POST a streaming completion (or chat completion) and call ``on_tokens(k)`` for each
-    chunk carrying k > 0 new tokens (a chunk can carry several: its ``token_ids``, else one
-    for a chunk with text), after ``on_chunk(chunk)`` when given. Returns at ``[DONE]``.
-    Cancelling the caller closes the connection, which makes vLLM abort the request."""
+    """POST a streaming completion (or chat completion) and call ``on_tokens(k)`` with the
+    k > 0 new tokens (a chunk's ``token_ids``, else one for a chunk with text) of each read
+    from the socket, after ``on_chunk(chunk)`` for each chunk when given. Returns at
+    ``[DONE]``. Cancelling the caller closes the connection, which makes vLLM abort the
+    request."""
     loop = asyncio.get_running_loop()
-    num, finish, usage = 0, None, None
+    num, reported, finish, usage = 0, 0, None, None
     try:
         async with asyncio.timeout_at(loop.time() + timeouts.first_token_s) as deadline:
             async with session.post(
@@ -106,33 +107,40 @@ async def stream_completion(
             ) as resp:
                 await _check_status(resp)
                 try:
+                    # whatever has arrived at once, every chunk in it, with one token
+                    # report and one deadline move per read rather than per chunk
+                    pending = b""
                     while True:
-                        line = await resp.content.readline()
-                        if not line:
+                        block = await resp.content.readany()
+                        if not block:
                             raise StreamBroken(f"stream closed after {num} tokens, no [DONE]")
-                        data = line.strip()
-                        if not data.startswith(b"data:"):
-                            continue
-                        data = data[5:].strip()
-                        if data == b"[DONE]":
-                            return StreamResult(num, finish, usage)
-                        chunk = json.loads(data)
-                        error = chunk.get("error")
-                        if error:
-                            code = error.get("code") if isinstance(error, dict) else None
-                            status = int(code or 500)
-                            raise ServerError(f"error event: {error}", status)
-                        if on_chunk is not None:
-                            on_chunk(chunk)
-                        for choice in chunk.get("choices") or []:
-                            k = _num_tokens(choice)
-                            if k:
-                                num += k
-                                on_tokens(k)
-                                deadline.reschedule(loop.time() + timeouts.idle_s)
-                            finish = choice.get("finish_reason") or finish
-                        if chunk.get("usage") and not chunk.get("choices"):
-                            usage = int(chunk["usage"].get("completion_tokens") or 0)
+                        *lines, pending = (pending + block).split(b"\n")
+                        for line in lines:
+                            data = line.strip()
+                            if not data.startswith(b"data:"):
+                                continue
+                            data = data[5:].strip()
+                            if data == b"[DONE]":
+                                if num > reported:
+                                    on_tokens(num - reported)
+                                return StreamResult(num, finish, usage)
+                            chunk = json.loads(data)
+                            error = chunk.get("error")
+                            if error:
+                                code = error.get("code") if isinstance(error, dict) else None
+                                status = int(code or 500)
+                                raise ServerError(f"error event: {error}", status)
+                            if on_chunk is not None:
+                                on_chunk(chunk)
+                            for choice in chunk.get("choices") or []:
+                                num += _num_tokens(choice)
+                                finish = choice.get("finish_reason") or finish
+                            if chunk.get("usage") and not chunk.get("choices"):
+                                usage = int(chunk["usage"].get("completion_tokens") or 0)
+                        if num > reported:
+                            on_tokens(num - reported)
+                            reported = num
+                            deadline.reschedule(loop.time() + timeouts.idle_s)
                 except asyncio.CancelledError:
                     resp.close()
                     raise
