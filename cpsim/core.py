@@ -54,7 +54,10 @@ class ControlPlaneConfig:
     max(``min_retry_concurrency``, ``retry_budget_frac`` x active requests) active requests
     are such retries, so that retries cannot multiply an outage; requests requeued because
     their instance crashed or was removed are not counted (that instance is out of routing).
-    ``outliers``: when an instance that keeps failing is ejected from routing."""
+    ``outliers``: when an instance that keeps failing is ejected from routing.
+    ``max_records``: per-request records kept for ``summary`` and ``records`` (the most
+    recent, at least this many; None: all), so that a long-running server's memory is
+    bounded."""
 
     max_queue_len: int | None = None
     on_instance_failure: FailureAction = "requeue"
@@ -63,6 +66,7 @@ class ControlPlaneConfig:
     retry_budget_frac: float = 0.2
     min_retry_concurrency: int = 3
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    max_records: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_len is not None:
@@ -73,6 +77,8 @@ class ControlPlaneConfig:
             check_positive("queue_timeout_s", self.queue_timeout_s)
         check_non_negative("retry_budget_frac", self.retry_budget_frac)
         check_non_negative("min_retry_concurrency", self.min_retry_concurrency, integer=True)
+        if self.max_records is not None:
+            check_positive("max_records", self.max_records, integer=True)
         if not isinstance(self.outliers, OutlierConfig):
             raise TypeError(
                 f"outliers={self.outliers!r} is not allowed; pass an OutlierConfig"
@@ -136,7 +142,7 @@ class ControlPlane:
         self.router = router
         self.pd_policy = pd_policy
         self.config = config or ControlPlaneConfig()
-        self.metrics = metrics or MetricsCollector()
+        self.metrics = metrics or MetricsCollector(max_records=self.config.max_records)
         #: Predicts the TPOT a new decode would get, for decode targets (``_within_targets``).
         self.latency_model: LatencyModel = latency_model or ObservedLatencyModel()
         self._tpot_targets: dict[str, float] = {}  # DecodingConfig.target_latency_ms by id

@@ -129,15 +129,31 @@ class RecordStore:
     request ids stay Python objects. Chunks are spilled as Arrow IPC (lz4): it writes about
     ten times faster than parquet, and reads a summary's columns back as fast. (From lists
     of Python objects, a chunk cost about 5 us a row to build and write, a tenth of a
-    simulated request.)"""
+    simulated request.)
 
-    def __init__(self, chunk_rows: int = 65_536, spill_dir: str | Path | None = None) -> None:
+    ``max_records``: keep the most recent rows, at least this many, and drop older chunks
+    (their files too): a server that runs for weeks keeps memory and disk bounded. None:
+    keep every row. ``num_dropped`` counts the rows let go."""
+
+    def __init__(
+        self,
+        chunk_rows: int = 65_536,
+        spill_dir: str | Path | None = None,
+        max_records: int | None = None,
+    ) -> None:
         check_positive("chunk_rows", chunk_rows, integer=True)
+        if max_records is not None:
+            check_positive("max_records", max_records, integer=True)
+            chunk_rows = min(chunk_rows, max_records)
         self.chunk_rows = chunk_rows
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.max_records = max_records
+        self.num_dropped = 0
         self._num_open = 0  # rows in the buffers, not frozen yet
         self._chunks: list[pd.DataFrame] = []
         self._spilled: list[Path] = []
+        self._frozen_rows: list[int] = []  # rows of each chunk kept, oldest first
+        self._num_frozen = 0  # chunks frozen so far, kept or not: names spilled files
         self._total = 0
         self._capacity = min(chunk_rows, _FIRST_CAPACITY)
         cap = self._capacity
@@ -222,13 +238,26 @@ class RecordStore:
         self._num_open = 0
         self._codes = [{} for _ in _CAT_IDX]
         self._ids = []
+        self._frozen_rows.append(n)
+        self._num_frozen += 1
         if self.spill_dir is None:
             self._chunks.append(frame)
-            return
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"records-{len(self._spilled):05d}.arrow"
-        frame.to_feather(path)
-        self._spilled.append(path)
+        else:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"records-{self._num_frozen - 1:05d}.arrow"
+            frame.to_feather(path)
+            self._spilled.append(path)
+        if self.max_records is not None:
+            self._drop_beyond(self.max_records)
+
+    def _drop_beyond(self, keep: int) -> None:
+        """Drop the oldest chunks while the rest still hold ``keep`` rows."""
+        while len(self._frozen_rows) > 1 and sum(self._frozen_rows[1:]) >= keep:
+            self.num_dropped += self._frozen_rows.pop(0)
+            if self._spilled:
+                self._spilled.pop(0).unlink(missing_ok=True)
+            else:
+                self._chunks.pop(0)
 
     def __len__(self) -> int:
         return self._total
@@ -256,8 +285,13 @@ class RecordStore:
 class MetricsCollector:
     """Turns terminal requests into records and records into a PerformanceMetrics."""
 
-    def __init__(self, chunk_rows: int = 65_536, spill_dir: str | Path | None = None) -> None:
-        self.store = RecordStore(chunk_rows, spill_dir)
+    def __init__(
+        self,
+        chunk_rows: int = 65_536,
+        spill_dir: str | Path | None = None,
+        max_records: int | None = None,
+    ) -> None:
+        self.store = RecordStore(chunk_rows, spill_dir, max_records)
         self.first_arrival_s: float | None = None
         self.num_arrivals = 0
         self._instance_spans: dict[str, list[float]] = {}  # id -> [start, end or nan, $/h]
@@ -351,9 +385,13 @@ class MetricsCollector:
         records: pd.DataFrame | None = None,
     ) -> PerformanceMetrics:
         df = self.store.frame(list(SUMMARY_COLUMNS)) if records is None else records
+        start = self.first_arrival_s
+        if self.store.num_dropped and records is None:  # the window of the rows kept
+            kept = self.store.frame(["arrival_time_s"])["arrival_time_s"]
+            start = float(kept.min()) if len(kept) else now
         return summarize(
             df,
-            window_s=(now - self.first_arrival_s) if self.first_arrival_s is not None else 0.0,
+            window_s=(now - start) if start is not None else 0.0,
             num_active=num_active,
             num_queued=num_queued,
             gpu_utilization=self._utilization(now, instances),

@@ -42,6 +42,7 @@ class CoreSchema:
     retry_budget_frac: float = 0.2
     min_retry_concurrency: int = 3
     outliers: OutlierSchema = field(default_factory=OutlierSchema)
+    max_records: int | None = None
 
 
 @dataclass

@@ -95,6 +95,9 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
         scheduling_policy=str(choices.get("policy", "fifo")),
         routing_strategy=str(choices.get("router", "load_balanced")),
         enable_pd_separation=pd_on,
+        # /metrics is the gateway's monitoring; a periodic summary of every record kept
+        # would stall the event loop under load
+        enable_monitoring=False,
         backend=backend,
         config=core_config(OmegaConf.to_container(cfg.core, resolve=True)),  # type: ignore[arg-type]
     )

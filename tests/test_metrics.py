@@ -145,3 +145,34 @@ def test_records_equal_what_pandas_builds_from_the_rows(
 def test_a_bad_chunk_size_is_an_error_naming_it() -> None:
     with pytest.raises(ValueError, match="chunk_rows"):
         RecordStore(chunk_rows=0)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_max_records_keeps_the_most_recent_rows_and_drops_older_chunks(
+    spill: bool, tmp_path: Path
+) -> None:
+    store = RecordStore(chunk_rows=1000, spill_dir=tmp_path if spill else None, max_records=4)
+    assert store.chunk_rows == 4  # chunks no larger than what is kept
+    _fill(store, 19)
+    frame = store.frame()
+    # whole chunks of 4 are dropped while what is left holds 4 rows: 16-18 open, 12-15 kept
+    assert frame["request_id"].tolist() == [f"req-{i}" for i in range(12, 19)]
+    assert store.num_dropped == 12 and len(store) == 19
+    if spill:  # the dropped chunks' files are gone (frame() froze the open rows)
+        kept = ["records-00003.arrow", "records-00004.arrow"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    with pytest.raises(ValueError, match="max_records"):
+        RecordStore(max_records=0)
+
+
+def test_a_summary_after_dropped_records_covers_the_window_of_those_kept() -> None:
+    from cpsim.metrics import MetricsCollector
+
+    collector = MetricsCollector(max_records=4)
+    for i in range(19):
+        collector.on_arrival(0.5 * i)
+        collector.store.append(_row(i), {})
+    summary = collector.summary(now=10.0, instances={})
+    assert summary.completed_requests == 7  # rows 12-18
+    # over 10.0 - 6.0 s (the first kept arrival), not since the run's first arrival
+    assert summary.throughput_requests_per_s == pytest.approx(7 / 4.0)
