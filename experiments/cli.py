@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import sys
 
 COMMANDS = {"serve": "experiments.serve"}
@@ -12,9 +13,11 @@ def main() -> None:
         given = sys.argv[1] if len(sys.argv) > 1 else None
         allowed = ", ".join(COMMANDS)
         sys.exit(f"usage: cpsim {{{allowed}}} [overrides ...]; got {given!r}")
-    module = __import__(COMMANDS[sys.argv[1]], fromlist=["main"])
+    module = COMMANDS[sys.argv[1]]
     sys.argv = [f"cpsim {sys.argv[1]}", *sys.argv[2:]]
-    module.main()
+    # as `python -m module` does: Hydra finds conf/ relative to a __main__ module's file
+    # (imported under its own name, it would look for a Python package named conf)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 REPO = Path(__file__).resolve().parents[2]
+#: The console script the README uses, where the package is installed (else the module).
+_SCRIPT = Path(sys.executable).with_name("cpsim")
+CPSIM_SERVE = [str(_SCRIPT), "serve"] if _SCRIPT.exists() else [
+    sys.executable, "-m", "experiments.serve"]
 
 
 def free_port() -> int:
@@ -45,7 +49,7 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(tmp_path:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.serve", f"server.port={port}",
+        [*CPSIM_SERVE, f"server.port={port}",
          "server.shutdown_grace_s=1.5", "server.log_level=warning",
          f"hydra.run.dir={tmp_path}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -93,3 +97,11 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(tmp_path:
     assert long_events[-1] == "[DONE]"
     error = json.loads(long_events[-2])["error"]
     assert error["code"] == "shutdown"
+
+
+def test_an_unknown_command_names_the_allowed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import cli
+
+    monkeypatch.setattr(sys, "argv", ["cpsim", "srve"])
+    with pytest.raises(SystemExit, match=r"usage: cpsim \{serve\}.*got 'srve'"):
+        cli.main()

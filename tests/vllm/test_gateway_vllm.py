@@ -29,6 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
+#: The console script the README uses, where the package is installed (else the module).
+_SCRIPT = Path(sys.executable).with_name("cpsim")
+CPSIM_SERVE = [str(_SCRIPT), "serve"] if _SCRIPT.exists() else [
+    sys.executable, "-m", "experiments.serve"]
 MODEL = "tiny-llama"
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -77,7 +81,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("gateway")
     base, port = free_base_port(2), _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.serve", "backend=vllm_http",
+        [*CPSIM_SERVE, "backend=vllm_http",
          "cluster=vllm_cpu_tiny_chat", f"cluster.vllm.base_port={base}",
          f"cluster.vllm.log_dir={tmp / 'logs'}", "backend.health_interval_s=0.2",
          f"server.port={port}", "server.admin_keys=[admin-key]", "server.shutdown_grace_s=2",
