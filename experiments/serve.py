@@ -11,6 +11,7 @@ the gateway stops); one with ``endpoints:`` names engines already running. With
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import signal
@@ -136,8 +137,15 @@ def serve(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, exit_cleanly)
+    def freeze_start_up_objects() -> None:
+        # The ~100k objects of the imports and the start-up never become garbage; frozen,
+        # a full collection under load no longer walks them (35 ms of stalled event loop
+        # each time, every few seconds: the latency spikes at p99)
+        gc.collect()
+        gc.freeze()
+
     config = uvicorn.Config(
-        create_app(gateway),
+        create_app(gateway, on_started=freeze_start_up_objects),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -18,7 +18,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,12 +429,17 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """The ASGI app. Its lifespan starts the manager (and its backend) and stops it."""
+def create_app(
+    gateway: Gateway, on_started: Callable[[], None] | None = None
+) -> FastAPI:
+    """The ASGI app. Its lifespan starts the manager (and its backend), then calls
+    ``on_started``, and stops the manager at the end."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:
