@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,41 +115,65 @@ def _body(max_tokens: int) -> dict[str, Any]:
 
 
 async def _one(session: Any, url: str, body: dict[str, Any]) -> float | None:
+    """The latency of one request, or None if it was not answered with a 200."""
+    import aiohttp
+
     start = time.perf_counter()
-    async with session.post(url, json=body) as resp:
-        await resp.read()
-        ok = resp.status == 200
+    try:
+        async with session.post(url, json=body) as resp:
+            await resp.read()
+            ok = resp.status == 200
+    except aiohttp.ClientError:
+        return None
     return time.perf_counter() - start if ok else None
 
 
-async def open_loop(url: str, rate: float, num: int, max_tokens: int, seed: int) -> dict[str, Any]:
-    """``num`` requests at Poisson arrivals of ``rate`` a second; latencies of the answered."""
+class _Tally:
+    """Latencies of the answered requests, and a count of the others."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def add(self, latency: float | None) -> None:
+        if latency is None:
+            self.errors += 1
+        else:
+            self.latencies.append(latency)
+
+    def row(self, quantiles: tuple[int, ...]) -> dict[str, Any]:
+        ms = np.array(self.latencies) * 1000.0
+        return {
+            "ok": len(self.latencies),
+            "errors": self.errors,
+            **{f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in quantiles},
+        }
+
+
+@contextlib.asynccontextmanager
+async def _session(url: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+    """A client session, its connections and the gateway's code paths warmed first."""
     import aiohttp
 
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for _ in range(20):
+            await _one(session, url, body)
+        yield session
+
+
+async def open_loop(url: str, rate: float, num: int, max_tokens: int, seed: int) -> dict[str, Any]:
+    """``num`` requests at Poisson arrivals of ``rate`` a second."""
     rng = random.Random(seed)
     body = _body(max_tokens)
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(20):  # warm the connections and the gateway's code paths
-            await _one(session, url, body)
+    tally = _Tally()
+    async with _session(url, body) as session:
 
         async def send() -> None:
-            nonlocal errors
-            try:
-                latency = await _one(session, url, body)
-            except aiohttp.ClientError:
-                latency = None
-            if latency is None:
-                errors += 1
-            else:
-                latencies.append(latency)
+            tally.add(await _one(session, url, body))
 
         tasks = []
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        at = start
+        start = at = loop.time()
         for _ in range(num):
             at += rng.expovariate(rate)
             delay = at - loop.time()
@@ -158,55 +182,28 @@ async def open_loop(url: str, rate: float, num: int, max_tokens: int, seed: int)
             tasks.append(asyncio.create_task(send()))
         await asyncio.gather(*tasks)
         elapsed = loop.time() - start
-    ms = np.array(latencies) * 1000.0
-    return {
-        "offered_rps": rate,
-        "achieved_rps": round(len(latencies) / elapsed, 1),
-        "ok": len(latencies),
-        "errors": errors,
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p90_ms": round(float(np.percentile(ms, 90)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-    }
+    achieved = round(len(tally.latencies) / elapsed, 1)
+    return {"offered_rps": rate, "achieved_rps": achieved, **tally.row((50, 90, 99))}
 
 
 async def closed_loop(
     url: str, concurrency: int, seconds: float, max_tokens: int
 ) -> dict[str, Any]:
     """``concurrency`` clients, each sending its next request when the last is answered."""
-    import aiohttp
-
     body = _body(max_tokens)
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(20):
-            await _one(session, url, body)
+    tally = _Tally()
+    async with _session(url, body) as session:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        stop_at = start + seconds
 
         async def client() -> None:
-            nonlocal errors
-            while loop.time() < stop_at:
-                latency = await _one(session, url, body)
-                if latency is None:
-                    errors += 1
-                else:
-                    latencies.append(latency)
+            while loop.time() < start + seconds:
+                tally.add(await _one(session, url, body))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = loop.time() - start
-    ms = np.array(latencies) * 1000.0
-    return {
-        "concurrency": concurrency,
-        "rps": round(len(latencies) / elapsed, 1),
-        "ok": len(latencies),
-        "errors": errors,
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-    }
+    rps = round(len(tally.latencies) / elapsed, 1)
+    return {"concurrency": concurrency, "rps": rps, **tally.row((50, 99))}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
