@@ -652,6 +652,8 @@ class ControlPlane:
         req.instance_id = instance_id
         if phase is not _DECODE:  # a hand-off continues the same attempt
             req.attempts += 1
+        else:
+            req.handoff_s = now
         if req.dispatch_s is None:
             req.dispatch_s = now
         inst.admit(req, now)  # marks the view stale: rebuilt before the next placement

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestStatus
-from cpsim.validation import check_positive
+from cpsim.validation import check_choice, check_positive
 from cpsim.views import InstanceSnapshot
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ _COLUMN_KINDS = {
     "arrival_time_s": "float",
     "dispatch_time_s": "float",
     "first_token_time_s": "float",
+    "prefill_first_token_time_s": "float",
+    "kv_transfer_start_s": "float",
     "finish_time_s": "float",
     "queue_delay_ms": "float",
     "ttft_ms": "float",
@@ -282,15 +284,28 @@ class RecordStore:
         return pd.concat(parts, ignore_index=True)
 
 
+TTFT_AT: Final = ("client", "prefill")
+
+
 class MetricsCollector:
-    """Turns terminal requests into records and records into a PerformanceMetrics."""
+    """Turns terminal requests into records and records into a PerformanceMetrics.
+
+    A disaggregated request has two first tokens: the prefill instance's
+    (``prefill_first_token_time_s``, what DistServe and Splitwise report) and the one its
+    client receives from the decode instance after the KV transfer and a decode step
+    (``first_token_time_s``, what a vLLM KV-connector deployment shows). ``ttft_at`` picks
+    the one ``ttft_ms`` and ``tpot_ms`` (the tokens after it) are measured from; "client",
+    the default, is what users of a deployment wait for."""
 
     def __init__(
         self,
         chunk_rows: int = 65_536,
         spill_dir: str | Path | None = None,
         max_records: int | None = None,
+        ttft_at: str = "client",
     ) -> None:
+        check_choice("ttft_at", ttft_at, TTFT_AT)
+        self.ttft_at = ttft_at
         self.store = RecordStore(chunk_rows, spill_dir, max_records)
         self.first_arrival_s: float | None = None
         self.num_arrivals = 0
@@ -334,9 +349,12 @@ class MetricsCollector:
         if v.slo_deadline_ms is not None and req.status is not RequestStatus.CANCELLED:
             slo_met = completed and latency_ms <= v.slo_deadline_ms
         n_out = req.num_output_tokens
+        first = req.first_token_s
+        if self.ttft_at == "prefill" and req.prefill_done_s is not None:
+            first = req.prefill_done_s
         tpot = _NAN
-        if completed and n_out > 1 and req.first_token_s is not None and req.finish_s is not None:
-            tpot = 1000.0 * (req.finish_s - req.first_token_s) / (n_out - 1)
+        if completed and n_out > 1 and first is not None and req.finish_s is not None:
+            tpot = 1000.0 * (req.finish_s - first) / (n_out - 1)
         row = (
             v.request_id,
             v.user_id,
@@ -346,9 +364,11 @@ class MetricsCollector:
             v.arrival_s,
             _NAN if req.dispatch_s is None else req.dispatch_s,
             _NAN if req.first_token_s is None else req.first_token_s,
+            _NAN if req.prefill_done_s is None else req.prefill_done_s,
+            _NAN if req.handoff_s is None else req.handoff_s,
             req.finish_s,
             _ms(v.arrival_s, req.dispatch_s),
-            _ms(v.arrival_s, req.first_token_s),
+            _ms(v.arrival_s, first),
             tpot,
             latency_ms if completed else _NAN,
             v.num_prompt_tokens,

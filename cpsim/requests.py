@@ -19,6 +19,7 @@ class RequestState:
         "failed_on",
         "finish_s",
         "first_token_s",
+        "handoff_s",
         "instance_id",
         "is_budgeted_retry",
         "last_token_s",
@@ -44,7 +45,8 @@ class RequestState:
         self.decode_instance_id: str | None = None
         self.dispatch_s: float | None = None
         self.first_token_s: float | None = None
-        self.prefill_done_s: float | None = None
+        self.prefill_done_s: float | None = None  # the prefill instance's first token
+        self.handoff_s: float | None = None  # sent to its decode instance: the KV moves
         self.last_token_s: float | None = None
         self.finish_s: float | None = None
         self.num_output_tokens = 0

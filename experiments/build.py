@@ -15,6 +15,7 @@ from backends.sim.faults import Fault
 from backends.sim.kv_capacity import num_kv_blocks
 from backends.sim.replica import ReplicaConfig
 from cpsim.core import ControlPlane, ControlPlaneConfig
+from cpsim.metrics import MetricsCollector
 from cpsim.models import load_model_spec
 from cpsim.outliers import OutlierConfig
 from cpsim.profiles import ProfiledLatencyModel
@@ -145,11 +146,13 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
             "choose a profile measured for the cluster's model"
         )
     pd_policy = instantiate(cfg.pd) if cfg.get("pd") else None
+    config = core_config(_plain(cfg.core))
     core = ControlPlane(
         policy=_with_latency_model(cfg.policy, profile),
         router=_seeded(cfg.router, cfg.seed),
         pd_policy=pd_policy,
-        config=core_config(_plain(cfg.core)),
+        config=config,
+        metrics=MetricsCollector(max_records=config.max_records, ttft_at=cfg.metrics.ttft_at),
     )
     replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
     sim = ClusterSimulation(

@@ -46,6 +46,11 @@ class CoreSchema:
 
 
 @dataclass
+class MetricsSchema:
+    ttft_at: str = "client"
+
+
+@dataclass
 class KVLinkSchema:
     bandwidth_gbps: float = 100.0
     latency_ms: float = 1.0
@@ -61,6 +66,7 @@ class RunSchema:
     drain_timeout_s: float = 3600.0
     progress: bool | None = None
     core: CoreSchema = field(default_factory=CoreSchema)
+    metrics: MetricsSchema = field(default_factory=MetricsSchema)
     kv_link: KVLinkSchema = field(default_factory=KVLinkSchema)
     policy: Any = None
     router: Any = None

@@ -23,6 +23,8 @@ def _row(i: int, slo: float | None = 500, reason: str | None = None) -> tuple[An
         "arrival_time_s": 0.5 * i,
         "dispatch_time_s": 0.5 * i,
         "first_token_time_s": 0.5 * i + 0.1,
+        "prefill_first_token_time_s": math.nan,
+        "kv_transfer_start_s": math.nan,
         "finish_time_s": 0.5 * i + 1.0,
         "queue_delay_ms": 0.0,
         "ttft_ms": 100.0,
@@ -86,7 +88,7 @@ def test_a_summary_reads_only_the_columns_it_asks_for(tmp_path: Path) -> None:
 
 def test_a_record_of_the_wrong_length_is_refused() -> None:
     store = RecordStore()
-    with pytest.raises(ValueError, match="a record has 3 values; RECORD_COLUMNS has 24"):
+    with pytest.raises(ValueError, match="a record has 3 values; RECORD_COLUMNS has 26"):
         store.append(("a", "b", "c"), {})
     assert len(store) == 0
 

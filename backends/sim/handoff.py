@@ -39,4 +39,5 @@ class KVTransfers:
             return
         del self._pending[req.request_id]
         if proc.is_up and proc.num_crashes == crashes:
+            req.kv_arrival_s = self.env.now
             proc.submit(req, Phase.DECODE)

@@ -404,6 +404,8 @@ class ReplicaProcess:
             "num_preemptions": float(req.num_preemptions),
             "num_prefix_hit_tokens": float(req.num_prefix_hit_tokens),
         }
+        if req.kv_arrival_s is not None:
+            extras["kv_transfer_end_s"] = req.kv_arrival_s
         self.events.on_finish(rid, iid, req.num_output_tokens, now, extras)
 
     # ------------------------------------------------------------------ faults

@@ -40,6 +40,7 @@ class SimRequest:
         "finish_time_s",
         "first_token_time_s",
         "held_hashes",
+        "kv_arrival_s",
         "max_tokens",
         "num_blocks",
         "num_computed_tokens",
@@ -81,6 +82,7 @@ class SimRequest:
         self.arrival_time_s = arrival_time_s
         self.first_token_time_s: float | None = None
         self.finish_time_s: float | None = None
+        self.kv_arrival_s: float | None = None  # a hand-off's KV transfer ended
         self.status = WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0

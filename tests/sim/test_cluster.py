@@ -16,6 +16,7 @@ from backends.sim.faults import Fault
 from backends.sim.replica import ReplicaConfig
 from cpsim.core import ControlPlane, ControlPlaneConfig
 from cpsim.latency import StepBatch, StepLatencyModel
+from cpsim.metrics import MetricsCollector
 from cpsim.models import load_model_spec
 from cpsim.profiles import ProfiledLatencyModel
 from cpsim.types import ExecutionInstance, RequestMetadata, RequestPriority
@@ -405,6 +406,39 @@ def test_pd_long_prompt_is_split_and_pays_the_kv_transfer() -> None:
     assert short["ttft_ms"] == pytest.approx(
         1000.0 * LATENCY.step_time_s(StepBatch(100, 100 * 100, 0, 1))
     )
+
+
+def test_a_handoff_records_both_first_tokens_and_the_transfer() -> None:
+    """The prefill instance's first token ends the prefill; the KV leaves then and arrives a
+    transfer later; the client's first token comes one decode step after that. TTFT and TPOT
+    are measured from the client's by default, from the prefill's with ttft_at="prefill"."""
+    link = KVLink(bandwidth_gbps=10.0, latency_ms=5.0)
+    prefill_s = LATENCY.step_time_s(StepBatch(2000, 2000 * 2000, 0, 1))
+    transfer_s = link.transfer_s(2000 * MODEL.kv_bytes_per_token())
+    rows = {}
+    for ttft_at in ("client", "prefill"):
+        specs = [spec("pre", instance_type="prefilling"), spec("dec", instance_type="decoding")]
+        cp = ControlPlane(FIFOPolicy(), LoadBalancedRouter(), ThresholdPDPolicy(800),
+                          metrics=MetricsCollector(ttft_at=ttft_at))
+        result = ClusterSimulation(specs, cp, kv_link=link).run([(0.0, req("long", 2000, 10))])
+        rows[ttft_at] = by_id(result).loc["long"]
+    row = rows["client"]
+    assert row["prefill_first_token_time_s"] == pytest.approx(prefill_s)
+    assert row["kv_transfer_start_s"] == pytest.approx(prefill_s)
+    assert row["kv_transfer_end_s"] == pytest.approx(prefill_s + transfer_s)
+    decode_s = row["first_token_time_s"] - row["kv_transfer_end_s"]
+    one_decode = StepBatch(num_decode_seqs=1, decode_context_tokens=2000)
+    assert decode_s == pytest.approx(LATENCY.step_time_s(one_decode), rel=0.01)
+    assert row["ttft_ms"] == pytest.approx(1000.0 * row["first_token_time_s"])
+    prefill = rows["prefill"]
+    assert prefill["ttft_ms"] == pytest.approx(1000.0 * prefill_s)
+    assert prefill["first_token_time_s"] == row["first_token_time_s"]  # the same run
+    assert prefill["tpot_ms"] == pytest.approx(
+        1000.0 * (prefill["finish_time_s"] - prefill_s) / 9
+    )
+    assert prefill["tpot_ms"] > row["tpot_ms"]  # the transfer now falls between tokens
+    with pytest.raises(ValueError, match="ttft_at='decode' is not one of: client, prefill"):
+        MetricsCollector(ttft_at="decode")
 
 
 # --------------------------------------------------------------------- faults
