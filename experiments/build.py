@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.utils import get_class, instantiate
@@ -18,7 +18,9 @@ from cpsim.core import ControlPlane, ControlPlaneConfig
 from cpsim.metrics import MetricsCollector
 from cpsim.models import load_model_spec
 from cpsim.outliers import OutlierConfig
+from cpsim.pricing import InstanceLatencyModels, latency_for
 from cpsim.profiles import ProfiledLatencyModel
+from cpsim.protocols import LatencyModel
 from cpsim.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -35,17 +37,20 @@ GROUP_KEYS = {
     "pipeline_parallel_size",
     "cost_per_gpu_hour",
     "max_concurrent_requests",
+    "profile",
 }
 
 
 @dataclass
 class RunSetup:
-    """Everything one run needs, built and not yet run."""
+    """Everything one run needs, built and not yet run. ``info`` goes to the result's
+    ``info`` (``latency_models``: what prices each instance, and why)."""
 
     simulation: ClusterSimulation
     workload: Workload
     seed: int
     labels: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _plain(node: Any) -> Any:
@@ -85,6 +90,8 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                         block_size=replica.get("block_size", 16),
                         enable_prefix_caching=replica.get("enable_prefix_caching", True),
                     ),
+                    # the group's own profile (conf/profile/): prices its replicas
+                    metadata={"profile": group["profile"]} if group.get("profile") else {},
                 )
             )
     return out
@@ -104,6 +111,8 @@ def build_replicas(
     pd_enabled: bool,
     faults: list[Mapping[str, Any]] | None = None,
 ) -> list[ReplicaSpec]:
+    """One replica per instance, each priced by its group's profile, else the run's
+    ``profile`` where it fits, else a shipped profile or the roofline (cpsim.pricing)."""
     model = load_model_spec(cluster["model"])
     by_instance: dict[str, list[Fault]] = {}
     for f in faults or []:
@@ -122,11 +131,9 @@ def build_replicas(
             config.block_size,
             utilization,
         )
-        replicas.append(
-            ReplicaSpec(
-                inst, profile, model, blocks, config, tuple(by_instance.pop(inst.instance_id, []))
-            )
-        )
+        latency, source = latency_for(inst, inst.metadata.get("profile"), profile)
+        faults_there = tuple(by_instance.pop(inst.instance_id, []))
+        replicas.append(ReplicaSpec(inst, latency, model, blocks, config, faults_there, source))
     if by_instance:
         raise ValueError(
             f"faults name unknown instances {sorted(by_instance)}; "
@@ -147,14 +154,18 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         )
     pd_policy = instantiate(cfg.pd) if cfg.get("pd") else None
     config = core_config(_plain(cfg.core))
+    replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
+    # policies predict each instance with the model that prices it
+    per_instance = InstanceLatencyModels(
+        {r.instance.instance_id: r.latency for r in replicas}, profile
+    )
     core = ControlPlane(
-        policy=_with_latency_model(cfg.policy, profile),
+        policy=_with_latency_model(cfg.policy, per_instance),
         router=_seeded(cfg.router, cfg.seed),
         pd_policy=pd_policy,
         config=config,
         metrics=MetricsCollector(max_records=config.max_records, ttft_at=cfg.metrics.ttft_at),
     )
-    replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
     sim = ClusterSimulation(
         replicas,
         core,
@@ -167,19 +178,22 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
     names.setdefault("policy", _short(cfg.policy))
     names.setdefault("router", _short(cfg.router))
     names.setdefault("pd", _short(cfg.pd) if cfg.get("pd") else "off")
-    return RunSetup(sim, instantiate(cfg.workload), int(cfg.seed), names)
+    info = {"latency_models": {r.instance.instance_id: r.latency_source for r in replicas}}
+    return RunSetup(sim, instantiate(cfg.workload), int(cfg.seed), names, info)
 
 
 def run_setup(setup: RunSetup) -> RunResult:
-    return setup.simulation.run(setup.workload.requests(setup.seed))
+    result = setup.simulation.run(setup.workload.requests(setup.seed))
+    result.info.update(setup.info)
+    return result
 
 
-def _with_latency_model(node: DictConfig, profile: ProfiledLatencyModel) -> Any:
-    """Policies that predict service time get the run's profile as their latency model, so
-    they predict with the same measured model that prices the simulated steps."""
+def _with_latency_model(node: DictConfig, latency_model: LatencyModel) -> Any:
+    """Policies that predict service time get ``latency_model`` (the models that price the
+    simulated steps), so they predict with what the simulation measures."""
     target = get_class(node["_target_"])
     if "latency_model" in inspect.signature(target).parameters and not node.get("latency_model"):
-        return instantiate(node, latency_model=profile)
+        return instantiate(node, latency_model=latency_model)
     return instantiate(node)
 
 

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cpsim.manager import ControlPlaneManager
+from cpsim.pricing import InstanceLatencyModels, latency_for
 from cpsim.types import ExecutionInstance
 from experiments.build import _with_latency_model, build_instances, core_config
 from experiments.schema import register_serve
@@ -103,14 +104,17 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
         config=core_config(OmegaConf.to_container(cfg.core, resolve=True)),  # type: ignore[arg-type]
     )
     # the configured objects, knobs and all, in place of the registry defaults
-    manager.core.policy = (
-        _with_latency_model(cfg.policy, profile) if profile else instantiate(cfg.policy)
-    )
+    manager.core.policy = instantiate(cfg.policy)
+    if profile is not None:  # each instance priced (simulated) and predicted by its own model
+        models = {}
+        for instance in instances:
+            model, _ = latency_for(instance, instance.metadata.get("profile"), profile)
+            models[instance.instance_id] = instance.metadata["latency_model"] = model
+        per_instance = InstanceLatencyModels(models, profile)
+        manager.core.policy = _with_latency_model(cfg.policy, per_instance)
     manager.router.use(instantiate(cfg.router), str(choices.get("router", "load_balanced")))
     manager.core.pd_policy = instantiate(cfg.pd) if pd_on else None
     for instance in instances:
-        if profile is not None:
-            instance.metadata["latency_model"] = profile
         manager.register_instance(instance)
     settings = ServerSettings(**OmegaConf.to_container(cfg.server, resolve=True))  # type: ignore[arg-type]
     return Gateway(manager, settings), engines

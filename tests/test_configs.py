@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
 from cpsim.parallelism import GPUBudget
+from cpsim.profiles import load_profile
 from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
 from cpsim.types import RequestMetadata
 from cpsim.workload import Workload, default_trace_dir
@@ -126,12 +127,15 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
         return
     if group == "cluster":
         cluster = OmegaConf.to_container(node, resolve=True)
-        profile = instantiate(cfg.profile)
+        matching = _profile_for(cluster["model"])
+        # a profile of the cluster's model (a CPU cluster's GPU is a placeholder that only
+        # its CPU profile prices); else the default, and each replica its fallback
+        profile = load_profile(matching) if matching else instantiate(cfg.profile)
         for pd_on in (False, True):
             replicas = build_replicas(cluster, profile, pd_on)
             assert len(replicas) == len(build_instances(cluster, pd_on)) > 0
             assert all(r.num_gpu_blocks > 0 for r in replicas)
-        matching = _profile_for(cluster["model"])
+            assert all(r.latency_source for r in replicas)
         if matching is not None:  # the whole run builds with a profile of the cluster's model
             for pd_option in ("~pd", "pd=threshold"):
                 overrides = [f"cluster={option}", f"profile={matching}", "workload=tiny", pd_option]

@@ -29,8 +29,9 @@ from cpsim.views import InstanceSnapshot, Phase
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """One simulated engine: what the control plane registers, how its steps are priced,
-    the model it holds (for KV bytes), its scheduler settings and its faults."""
+    """One simulated engine: what the control plane registers, how its steps are priced
+    (and a line saying by what, for the run's info), the model it holds (for KV bytes), its
+    scheduler settings and its faults."""
 
     instance: ExecutionInstance
     latency: StepLatencyModel
@@ -38,6 +39,7 @@ class ReplicaSpec:
     num_gpu_blocks: int
     config: ReplicaConfig = field(default_factory=ReplicaConfig)
     faults: tuple[Fault, ...] = ()
+    latency_source: str = ""
 
 
 @dataclass(frozen=True)

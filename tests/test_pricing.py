@@ -1,0 +1,94 @@
+"""Each instance is priced by a latency model measured for it: its group's profile, the run's
+where it fits, a shipped profile of its model, GPU, TP and PP, or the roofline, said so."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpsim.instances import InstanceState
+from cpsim.pricing import InstanceLatencyModels, latency_for, misfit
+from cpsim.profiles import ProfiledLatencyModel, load_profile
+from cpsim.roofline import RooflineLatencyModel
+from cpsim.types import ExecutionInstance, RequestMetadata
+from cpsim.views import RequestView
+from experiments.api import simulate
+
+TP1 = "vllm-opt-13b-a100-80gb-tp1"
+
+
+def opt13b(tp: int = 1, gpu: str = "A100-80GB", pp: int = 1) -> ExecutionInstance:
+    return ExecutionInstance(
+        f"opt-tp{tp}", model_name="opt-13b", gpu_type=gpu, tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+    )
+
+
+@pytest.mark.parametrize(
+    ("profile", "instance", "wrong"),
+    [
+        (TP1, opt13b(), None),
+        ("vllm-opt-13b-a100-80gb-tp4", opt13b(4), None),
+        (TP1, opt13b(2), "TP 1, not 2"),
+        (TP1, opt13b(gpu="H100-SXM"), "GPU 'A100-80GB', not 'H100-SXM'"),
+        (TP1, opt13b(pp=2), "PP 1, not 2"),
+        ("vllm-opt-66b-a100-80gb-tp2", opt13b(2), "model 'facebook/opt-66b', not 'opt-13b'"),
+        # a CPU profile prices the placeholder GPU of a CPU cluster
+        ("vllm-cpu-tiny-llama-tp1", ExecutionInstance("c", model_name="tiny-llama",
+                                                      gpu_type="L4"), None),
+    ],
+)
+def test_misfit_names_what_a_profile_was_measured_for(
+    profile: str, instance: ExecutionInstance, wrong: str | None
+) -> None:
+    assert misfit(load_profile(profile), instance) == wrong
+
+
+def test_latency_for_picks_the_groups_then_the_runs_then_a_shipped_profile_then_roofline() -> None:
+    run = load_profile(TP1)
+    model, why = latency_for(opt13b(), run_profile=run)
+    assert model is run and why == "the run's profile"
+    model, why = latency_for(opt13b(4), run_profile=run)
+    assert isinstance(model, ProfiledLatencyModel) and model.tensor_parallel_size == 4
+    assert why == "profile vllm-opt-13b-a100-80gb-tp4 (measured for its model, GPU, TP and PP)"
+    model, why = latency_for(opt13b(3), run_profile=run)
+    assert isinstance(model, RooflineLatencyModel)
+    assert why == (
+        "roofline (the run's profile was measured for TP 1, not 3, and no profile is measured "
+        "for its model, GPU, TP and PP)"
+    )
+    model, why = latency_for(opt13b(2), "vllm-opt-13b-a100-80gb-tp2", run)
+    assert model.tensor_parallel_size == 2 and why.endswith("(its group's)")
+    with pytest.raises(ValueError, match=r"profile '.*tp4' cannot price instance 'opt-tp2': "
+                                         r"it was measured for TP 4, not 2"):
+        latency_for(opt13b(2), "vllm-opt-13b-a100-80gb-tp4", run)
+
+
+def test_predictions_use_each_instances_own_model() -> None:
+    tp1, tp4 = load_profile(TP1), load_profile("vllm-opt-13b-a100-80gb-tp4")
+    models = InstanceLatencyModels({"a": tp1, "b": tp4}, default=tp1)
+    request = RequestView.of(RequestMetadata("r", num_prompt_tokens=1500, max_tokens=100), 0.0, 0)
+    views = {}
+    for iid, tp in (("a", 1), ("b", 4)):
+        inst = ExecutionInstance(iid, model_name="opt-13b", tensor_parallel_size=tp)
+        views[iid] = InstanceState(inst, 0.0).view()
+    assert models.predict(request, views["a"]) == tp1.predict(request, views["a"])
+    assert models.predict(request, views["b"]) == tp4.predict(request, views["b"])
+
+
+def _group(tp: int, **extra: object) -> str:
+    fields = ", ".join(f"{k}: {v}" for k, v in extra.items())
+    more = f", {fields}" if fields else ""
+    return (f"cluster.groups=[{{name: g, count: 1, instance_type: general, "
+            f"tensor_parallel_size: {tp}, cost_per_gpu_hour: 1.0{more}}}]")
+
+
+def test_a_tp4_replica_runs_faster_than_a_tp1_replica_where_the_profiles_say_so() -> None:
+    runs = {tp: simulate("workload=tiny", "cluster=small", _group(tp)) for tp in (1, 4)}
+    assert runs[1].info["latency_models"] == {"g-0": "the run's profile"}
+    assert runs[4].info["latency_models"] == {
+        "g-0": "profile vllm-opt-13b-a100-80gb-tp4 (measured for its model, GPU, TP and PP)"
+    }
+    for metric in ("p50_ttft_ms", "p50_tpot_ms"):
+        assert getattr(runs[4].metrics, metric) < getattr(runs[1].metrics, metric)
+    with pytest.raises(ValueError, match="cannot price instance 'g-0'"):
+        simulate("workload=tiny", "cluster=small", _group(1, profile="vllm-opt-13b-a100-80gb-tp4"))
