@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from cpsim.datafiles import PROFILE_DIR, data_names
-from cpsim.models import load_model_spec
+from cpsim.models import ModelSpec, load_model_spec
 from cpsim.profiles import ProfiledLatencyModel, available_profiles, load_profile
 from cpsim.protocols import LatencyEstimate, LatencyModel
 from cpsim.roofline import RooflineLatencyModel
@@ -71,10 +71,12 @@ def latency_for(
     instance: ExecutionInstance,
     profile_name: str | None = None,
     run_profile: ProfiledLatencyModel | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> tuple[ProfiledLatencyModel | RooflineLatencyModel, str]:
     """The model that prices ``instance`` and a line saying which it is and why.
     ``profile_name``: the profile its group names (it must fit); ``run_profile``: the run's
-    ``profile=``, used where it fits."""
+    ``profile=``, used where it fits; ``model_spec``: what the roofline prices (default:
+    the instance's model)."""
     if profile_name is not None:
         profile = load_profile(profile_name)
         wrong = misfit(profile, instance)
@@ -93,7 +95,7 @@ def latency_for(
     if found is not None:
         return found[1], f"profile {found[0]} (measured for its model, GPU, TP and PP)"
     roofline = RooflineLatencyModel(
-        instance.model_name,
+        model_spec or instance.model_name,
         instance.gpu_type,
         instance.tensor_parallel_size,
         instance.pipeline_parallel_size,

@@ -92,3 +92,19 @@ def test_a_tp4_replica_runs_faster_than_a_tp1_replica_where_the_profiles_say_so(
         assert getattr(runs[4].metrics, metric) < getattr(runs[1].metrics, metric)
     with pytest.raises(ValueError, match="cannot price instance 'g-0'"):
         simulate("workload=tiny", "cluster=small", _group(1, profile="vllm-opt-13b-a100-80gb-tp4"))
+
+
+def test_the_live_simulated_backend_prices_instances_the_same_way() -> None:
+    from backends.sim.live import SimBackend
+    from cpsim.models import load_model_spec
+
+    spec = load_model_spec("opt-13b")
+    latency = SimBackend._latency_of(opt13b(4), spec)
+    assert isinstance(latency, ProfiledLatencyModel) and latency.tensor_parallel_size == 4
+    unknown = ExecutionInstance("u", model_name="my-model", gpu_type="A100-80GB")
+    fallback = SimBackend._latency_of(unknown, load_model_spec("llama-3-8b"))
+    assert isinstance(fallback, RooflineLatencyModel)  # the backend's default model
+    wrong = opt13b(2)
+    wrong.metadata["profile"] = TP1
+    with pytest.raises(ValueError, match="measured for TP 1, not 2"):
+        SimBackend._latency_of(wrong, spec)

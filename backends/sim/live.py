@@ -26,8 +26,7 @@ from cpsim.core import Abort, Dispatch
 from cpsim.datafiles import data_names
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec, load_model_spec
-from cpsim.profiles import load_profile
-from cpsim.roofline import RooflineLatencyModel
+from cpsim.pricing import latency_for
 from cpsim.streams import ClientStream, synthetic_text, text_chunk, usage_chunk
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_choice, check_positive
@@ -118,8 +117,10 @@ class SimBackend:
     Each instance's model comes from ``instance.metadata["model_spec"]`` (a name in
     cpsim/data/models or a ModelSpec), else its ``model_name`` when cpsim/data/models has
     it (``llama-3-70b``), else ``default_model``; its step latency from
-    ``metadata["profile"]`` (a conf/profile name) or ``metadata["latency_model"]`` (an
-    object), else a RooflineLatencyModel of the model on ``instance.gpu_type``.
+    ``metadata["latency_model"]`` (an object), else ``metadata["profile"]`` (a conf/profile
+    name, which must have been measured for the instance's model, GPU, TP and PP), else a
+    shipped profile measured for them, else a RooflineLatencyModel of the model on
+    ``instance.gpu_type`` (``cpsim.pricing.latency_for``).
     ``time_scale`` is simulated seconds per wall second (10 = ten times faster than real);
     the manager reads it and keeps its clock, hence its metrics, in simulated seconds.
     ``token_reports="step"`` reports tokens after every engine step (what a streaming
@@ -281,11 +282,5 @@ class SimBackend:
             latency: StepLatencyModel = given
             return latency
         profile = instance.metadata.get("profile")
-        if profile is not None:
-            return load_profile(str(profile))
-        return RooflineLatencyModel(
-            model,
-            instance.gpu_type,
-            instance.tensor_parallel_size,
-            instance.pipeline_parallel_size,
-        )
+        latency, _ = latency_for(instance, None if profile is None else str(profile), None, model)
+        return latency
