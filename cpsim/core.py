@@ -431,6 +431,9 @@ class ControlPlane:
         for req in list(self._handoffs.values()):
             self._fresh_views()  # the instance of the last hand-off placed
             cands = self._candidates(req.view, _DECODE, views, req.failed_on)
+            if not cands and not self._decode_instance_up(req.view, views):
+                # no decode instance is up: decode where the KV already is, if that can
+                cands = [v for v in (views.get(req.instance_id or ""),) if v and v.is_healthy]
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
                 continue
@@ -439,6 +442,18 @@ class ControlPlane:
             self._assign(req, choice.instance_id, _DECODE, now)
             req.decode_instance_id = choice.instance_id
             out.append(Dispatch(req.view.meta, choice.instance_id, _DECODE, source))
+
+    def _decode_instance_up(self, rview: RequestView, views: dict[str, InstanceView]) -> bool:
+        """Whether an instance that decodes the request's model is up and not draining:
+        one that will take the hand-off once it has room."""
+        model = rview.model_name
+        return any(
+            v.is_healthy
+            and v.instance_type in _PHASE_TYPES[_DECODE]
+            and (model is None or v.model_name == model)
+            and v.instance_id not in self._draining
+            for v in views.values()
+        )
 
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]

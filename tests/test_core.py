@@ -223,13 +223,23 @@ def test_pd_handoff_names_both_instances() -> None:
     assert row["ttft_ms"] == pytest.approx(600.0)
 
 
-def _waiting_for_handoff() -> ControlPlane:
-    """One request prefilled on "p" and waiting for a decode instance (none is open)."""
-    cp = ControlPlane(SCHEDULING_POLICIES["fifo"](), ROUTERS["round_robin"](), AlwaysPrefill())
+def _waiting_for_handoff(queue_timeout_s: float | None = None) -> ControlPlane:
+    """One request prefilled on "p" and waiting for a decode instance ("d" is up, full)."""
+    cp = ControlPlane(
+        SCHEDULING_POLICIES["fifo"](),
+        ROUTERS["round_robin"](),
+        AlwaysPrefill(),
+        ControlPlaneConfig(queue_timeout_s=queue_timeout_s),
+    )
     cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
+    decode = ExecutionInstance(
+        "d", instance_type=ExecutionInstanceType.DECODING, max_concurrent_requests=1
+    )
+    cp.add_instance(decode, 0.0)
+    cp.on_arrival(req("fill", max_tokens=1), 0.0)  # runs whole on "d", filling it
     cp.on_arrival(req("long", max_tokens=8), 0.0)
-    (d,) = cp.dispatch(0.0)
-    assert d.phase is Phase.PREFILL
+    out = {d.request_id: (d.phase, d.instance_id) for d in cp.dispatch(0.0)}
+    assert out == {"fill": (Phase.FULL, "d"), "long": (Phase.PREFILL, "p")}
     cp.on_prefill_done("long", 0.5, "p")
     assert cp.dispatch(0.5) == []
     return cp
@@ -241,9 +251,9 @@ def test_a_stale_finish_during_the_handoff_wait_is_ignored() -> None:
     cp.on_finish("long", 0.6, 1, "p")
     cp.on_first_token("long", 0.6, "p")
     assert cp.status("long") is RequestStatus.RUNNING
-    cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.7)
+    cp.add_instance(ExecutionInstance("d2", instance_type=ExecutionInstanceType.DECODING), 0.7)
     (handoff,) = cp.dispatch(0.7)
-    assert (handoff.phase, handoff.instance_id) == (Phase.DECODE, "d")
+    assert (handoff.phase, handoff.instance_id) == (Phase.DECODE, "d2")
 
 
 def test_a_prefill_failure_during_the_handoff_wait_requeues_once() -> None:
@@ -252,22 +262,13 @@ def test_a_prefill_failure_during_the_handoff_wait_requeues_once() -> None:
     cp.on_failure("long", 0.6, "engine error", True, "p")
     assert cp.status("long") is RequestStatus.QUEUED
     assert cp.instance_state("p").view().in_flight == 0
-    cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.7)
+    cp.add_instance(ExecutionInstance("d2", instance_type=ExecutionInstanceType.DECODING), 0.7)
     (again,) = cp.dispatch(0.7)  # a new prefill, no hand-off of the lost KV
     assert (again.phase, again.instance_id) == (Phase.PREFILL, "p")
 
 
 def test_a_handoff_no_decode_instance_takes_fails_at_the_queue_timeout_and_frees_the_kv() -> None:
-    cp = ControlPlane(
-        SCHEDULING_POLICIES["fifo"](),
-        ROUTERS["round_robin"](),
-        AlwaysPrefill(),
-        ControlPlaneConfig(queue_timeout_s=2.0),
-    )
-    cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
-    cp.on_arrival(req("long", max_tokens=8), 0.0)
-    cp.dispatch(0.0)
-    cp.on_prefill_done("long", 0.5, "p")
+    cp = _waiting_for_handoff(queue_timeout_s=2.0)
     assert cp.dispatch(2.5) == [] and cp.take_aborts() == []  # waited 2.0 s: not yet
     cp.dispatch(2.6)
     assert cp.status("long") is None and cp.num_handoffs == 0
@@ -276,6 +277,34 @@ def test_a_handoff_no_decode_instance_takes_fails_at_the_queue_timeout_and_frees
     assert cp.instance_state("p").view().in_flight == 0
     (reason,) = cp.metrics.records()["reason"].tolist()
     assert reason == "prefilled on p, but no decode instance took it within 2.0 s"
+
+
+@pytest.mark.parametrize("decode_state", ["absent", "down", "draining"])
+def test_with_no_decode_instance_up_a_handoff_decodes_where_it_was_prefilled(
+    decode_state: str,
+) -> None:
+    cp = ControlPlane(SCHEDULING_POLICIES["fifo"](), ROUTERS["round_robin"](), AlwaysPrefill())
+    cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
+    if decode_state != "absent":
+        cp.add_instance(ExecutionInstance("d", instance_type=ExecutionInstanceType.DECODING), 0.0)
+    cp.on_arrival(req("long", max_tokens=8), 0.0)
+    (prefill,) = cp.dispatch(0.0)
+    assert (prefill.phase, prefill.instance_id) == (Phase.PREFILL, "p")
+    if decode_state == "down":
+        cp.on_instance_failure("d", 0.2, "crashed")
+    elif decode_state == "draining":
+        cp.drain_instance("d")
+    cp.on_prefill_done("long", 0.5, "p")
+    (handoff,) = cp.dispatch(0.5)  # the KV is on "p": no transfer, no wait
+    assert (handoff.phase, handoff.instance_id, handoff.source_instance_id) == (
+        Phase.DECODE, "p", "p"
+    )
+    assert cp.instance_state("p").view().in_flight == 1
+    cp.on_first_token("long", 0.6, "p")
+    cp.on_finish("long", 0.9, 8, "p")
+    row = cp.metrics.records().set_index("request_id").loc["long"]
+    assert row["status"] == "COMPLETED"
+    assert (row["prefill_instance_id"], row["decode_instance_id"]) == ("p", "p")
 
 
 def test_cost_shares_add_up_to_busy_cost() -> None:

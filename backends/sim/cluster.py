@@ -119,6 +119,14 @@ def sim_request_for(d: Dispatch, config: ReplicaConfig, now: float) -> SimReques
     return req
 
 
+def handoff_s(link: KVLink, d: Dispatch, model: ModelSpec) -> float:
+    """How long a DECODE dispatch's KV takes to arrive: nothing moves when the request
+    decodes where it was prefilled (no decode instance was up)."""
+    if d.source_instance_id == d.instance_id:
+        return 0.0
+    return link.transfer_s(d.request.prompt_tokens * model.kv_bytes_per_token())
+
+
 class ClusterSimulation:
     """Runs a workload through a ControlPlane over simulated replicas.
 
@@ -287,9 +295,7 @@ class ClusterSimulation:
         req = sim_request_for(d, spec.config, now)
         proc = self.procs[d.instance_id]
         if d.phase is Phase.DECODE:
-            delay_s = self.kv_link.transfer_s(
-                d.request.prompt_tokens * spec.model.kv_bytes_per_token()
-            )
+            delay_s = handoff_s(self.kv_link, d, spec.model)
             self.transfers.start(proc, req, delay_s)
         else:
             proc.submit(req, d.phase)

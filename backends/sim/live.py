@@ -16,7 +16,7 @@ from typing import Any
 
 import simpy
 
-from backends.sim.cluster import KVLink, sim_request_for
+from backends.sim.cluster import KVLink, handoff_s, sim_request_for
 from backends.sim.handoff import KVTransfers
 from backends.sim.kv_capacity import num_kv_blocks
 from backends.sim.process import ReplicaProcess, TokenReports
@@ -213,8 +213,7 @@ class SimBackend:
         if self._client_events is not None and dispatch.request_id in self.client_streams:
             self._client_events.prompt_tokens[dispatch.request_id] = dispatch.request.prompt_tokens
         if dispatch.phase is Phase.DECODE:
-            kv_bytes = dispatch.request.prompt_tokens * entry.model.kv_bytes_per_token()
-            delay_s = self.kv_link.transfer_s(kv_bytes)
+            delay_s = handoff_s(self.kv_link, dispatch, entry.model)
             self.transfers.start(entry.proc, req, delay_s)
         else:
             entry.proc.submit(req, dispatch.phase)
