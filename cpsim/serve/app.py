@@ -453,13 +453,16 @@ def create_app(
         gateway.metrics.http_errors.labels(str(error.status)).inc()
         return _error_response(error)
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway.serve(request, "completions")
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await gateway.serve(request, "chat.completions")
+
+    # plain Starlette routes: they take the request as it is, without FastAPI's
+    # per-request dependency solving (4-7 % less gateway CPU a request, benchmarks/README)
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
