@@ -13,9 +13,21 @@ import pandas as pd
 
 from experiments.report import format_table
 
+#: A sweep's table of runs, written when the sweep ends (experiments.sweep_table).
+RUNS_TABLE = "runs.parquet"
+
 
 def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run (a single run's summary is a dict, a study's a list of dicts)."""
+    """One row per run: the sweep's table where it has one, else its summaries."""
+    table = Path(root) / RUNS_TABLE
+    if table.is_file():
+        return pd.read_parquet(table)
+    return summaries(root)
+
+
+def summaries(root: str | Path) -> pd.DataFrame:
+    """One row per run read from every ``summary.json`` under ``root`` (a single run's
+    summary is a dict, a study's a list of dicts)."""
     rows: list[dict[str, object]] = []
     for path in sorted(Path(root).rglob("summary.json")):
         data = json.loads(path.read_text())

@@ -174,6 +174,8 @@ def test_multirun_writes_one_summary_per_job_and_load_runs_reads_them(tmp_path: 
     for job in summaries:
         assert (job.parent / "requests.parquet").is_file()
         assert (job.parent / "instances.parquet").is_file()
+    assert "Joblib.Parallel" in out.stdout + out.stderr  # the jobs ran in parallel
+    assert (tmp_path / "runs.parquet").is_file()  # one table of the sweep, at its end
     runs = load_runs(tmp_path)
     assert len(runs) == 2
     assert sorted(runs["policy"]) == ["fifo", "priority"]
