@@ -165,3 +165,35 @@ def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> No
             await stop(fakes)
 
     run(main())
+
+
+def test_a_client_that_disconnects_has_its_engine_stream_closed() -> None:
+    async def main() -> None:
+        fakes = await engines(1, token_delay_s=0.01)
+        engine = fakes[0][0]
+        try:
+            async with running_gateway(instances([fakes[0][3]]), backend=backend()) as (gw, url):
+                body = {"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
+                async with (
+                    httpx.AsyncClient(base_url=url, timeout=30) as http,
+                    http.stream("POST", "/v1/completions", json=body) as resp,
+                ):
+                    seen, streaming = 0, 0
+                    async for line in resp.aiter_lines():
+                        seen += line.startswith("data:")
+                        if seen == 3:
+                            streaming = engine.running
+                            break
+                assert streaming == 1  # the engine was mid-stream when the client left
+                for _ in range(200):  # the gateway cancels, the HTTP backend hangs up
+                    if engine.running == 0 and gw.manager.core.num_active == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert engine.running == 0 and gw.manager.core.num_active == 0
+                records = gw.manager.get_request_records()
+                assert [str(s) for s in records["status"]] == ["CANCELLED"]
+                assert records["num_output_tokens"].iloc[0] < 2000
+        finally:
+            await stop(fakes)
+
+    run(main())
