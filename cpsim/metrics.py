@@ -404,11 +404,14 @@ class MetricsCollector:
         num_queued: int = 0,
         records: pd.DataFrame | None = None,
     ) -> PerformanceMetrics:
-        df = self.store.frame(list(SUMMARY_COLUMNS)) if records is None else records
         start = self.first_arrival_s
-        if self.store.num_dropped and records is None:  # the window of the rows kept
-            kept = self.store.frame(["arrival_time_s"])["arrival_time_s"]
-            start = float(kept.min()) if len(kept) else now
+        if records is not None:
+            df = records
+        elif self.store.num_dropped:  # the window of the rows kept, read with them
+            df = self.store.frame([*SUMMARY_COLUMNS, "arrival_time_s"])
+            start = float(df["arrival_time_s"].min()) if len(df) else now
+        else:
+            df = self.store.frame(list(SUMMARY_COLUMNS))
         return summarize(
             df,
             window_s=(now - start) if start is not None else 0.0,
