@@ -432,8 +432,9 @@ class ControlPlane:
             self._fresh_views()  # the instance of the last hand-off placed
             cands = self._candidates(req.view, _DECODE, views, req.failed_on)
             if not cands and not self._decode_instance_up(req.view, views):
-                # no decode instance is up: decode where the KV already is, if that can
-                cands = [v for v in (views.get(req.instance_id or ""),) if v and v.is_healthy]
+                # no decode instance is up: decode where the KV already is, if that is up
+                own = views.get(req.instance_id or "")
+                cands = [own] if own is not None and own.is_healthy else []
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
                 continue
