@@ -40,6 +40,21 @@ class ClientStream:
         return str(self.body.get("model", ""))
 
 
+def openai_object(
+    request_id: str, obj: str, model: str, choices: list[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """An OpenAI answer or streaming chunk: its envelope around ``choices``, then
+    ``fields`` (``usage``)."""
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **fields,
+    }
+
+
 def synthetic_text(start: int, num_tokens: int) -> str:
     """``num_tokens`` words of a simulated engine's output, from token ``start`` on."""
     return "".join(_WORDS[(start + i) % len(_WORDS)] for i in range(num_tokens))
@@ -62,29 +77,17 @@ def text_chunk(
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
-    return {
-        "id": request_id,
-        "object": obj,
-        "created": int(time.time()),
-        "model": stream.model,
-        "choices": [choice],
-    }
+    return openai_object(request_id, obj, stream.model, [choice])
 
 
 def usage_chunk(
     stream: ClientStream, request_id: str, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """The last chunk of a stream whose client asked for usage: no choices, the counts."""
-    chat = stream.api == "chat.completions"
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": stream.model,
-        "choices": [],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+    obj = "chat.completion.chunk" if stream.api == "chat.completions" else "text_completion"
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+    return openai_object(request_id, obj, stream.model, [], usage=usage)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cpsim.streams import Api
+from cpsim.streams import Api, openai_object
 from cpsim.types import CHARS_PER_TOKEN_ESTIMATE, RequestPriority
 
 #: cpsim's own request fields: read by the gateway, never sent to the engine.
@@ -335,11 +334,4 @@ def assemble(
         obj = "text_completion"
     if parsed.return_token_ids:
         choice_out["token_ids"] = token_ids
-    return {
-        "id": request_id,
-        "object": obj,
-        "created": int(time.time()),
-        "model": parsed.model,
-        "choices": [choice_out],
-        "usage": usage,
-    }
+    return openai_object(request_id, obj, parsed.model, [choice_out], usage=usage)
