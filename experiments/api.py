@@ -1,8 +1,8 @@
 """Programmatic entry points for notebooks and tests: compose ``conf/`` and run, no CLI needed.
 
-    from experiments.api import simulate, study
-    result = simulate("policy=slo_aware", "router=prefix_cache_aware", "workload=tiny")
-    result.requests.head(); result.metrics
+from experiments.api import simulate, study
+result = simulate("policy=slo_aware", "router=prefix_cache_aware", "workload=tiny")
+result.requests.head(); result.metrics
 """
 
 from __future__ import annotations
@@ -36,4 +36,6 @@ def study(out_dir: str | Path, *overrides: str) -> StudyResult:
     """The study of the composed config (``conf/study``), files written under ``out_dir``."""
     cfg = compose_config(*overrides)
     base = base_overrides(list(overrides))
-    return run_study(grid(cfg.study), lambda extra: compose_config(*base, *extra), Path(out_dir))
+    compose = lambda extra: compose_config(*base, *extra)  # noqa: E731
+    jobs = cfg.study.get("jobs") or -1
+    return run_study(grid(cfg.study), compose, Path(out_dir), jobs=jobs)

@@ -17,9 +17,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from experiments.build import build_run, run_setup
-from experiments.report import LABELS, summary_row
+from experiments.report import LABELS, goodput_by_load, summary_row
 from experiments.schema import register
-from experiments.study import base_overrides, grid, run_study
+from experiments.study import base_overrides, grid, nominal_load, run_study
 
 log = logging.getLogger("cpsim.experiments")
 register()
@@ -45,9 +45,15 @@ def study_run(cfg: DictConfig, out_dir: Path) -> float:
     def compose(extra: list[str]) -> DictConfig:
         return hydra.compose(config_name="config", overrides=task_overrides + extra)
 
-    result = run_study(grid(cfg.study), compose, out_dir, log=print)
+    result = run_study(grid(cfg.study), compose, out_dir, jobs=cfg.study.get("jobs") or -1)
     print()
+    print(f"At {nominal_load(result.summary):g}x load:")
     print(result.table)
+    print()
+    print(goodput_by_load(result.summary))
+    print()
+    for line in result.conclusions:
+        print(f"- {line}")
     print()
     for name, path in result.files.items():
         print(f"{name:>12}: {path}")

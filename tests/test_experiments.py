@@ -17,7 +17,7 @@ from experiments.build import build_run, run_setup
 from experiments.compare import load_runs
 from experiments.report import TABLE_COLUMNS
 from experiments.schema import register
-from experiments.study import grid, run_study
+from experiments.study import grid, load_override, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -102,7 +102,9 @@ def test_build_run_is_deterministic_per_seed(hydra_conf: None) -> None:
 
 
 def test_run_study_writes_one_row_per_run_and_its_files(hydra_conf: None, tmp_path: Path) -> None:
-    cfg = small_config("study.policies=[fifo,slo_aware]", "study.routers=[load_balanced]")
+    cfg = small_config(
+        "study.policies=[fifo,slo_aware]", "study.routers=[load_balanced]", "study.loads=[1]"
+    )
     runs = grid(cfg.study)
     assert len(runs) == 4  # one_at_a_time: 2 policies, PD off and on for each
     logged: list[str] = []
@@ -113,8 +115,8 @@ def test_run_study_writes_one_row_per_run_and_its_files(hydra_conf: None, tmp_pa
     assert set(summary.columns) >= SUMMARY_COLUMNS
     assert set(TABLE_COLUMNS) <= set(summary.columns)
     assert [
-        dict(zip(("policy", "router", "pd"), r, strict=True))
-        for r in summary[["policy", "router", "pd"]].itertuples(index=False)
+        {**dict(zip(("policy", "router", "pd"), r[:3], strict=True)), "load": f"{r[3]:g}"}
+        for r in summary[["policy", "router", "pd", "load"]].itertuples(index=False)
     ] == runs
     assert (summary["requests"] == NUM_REQUESTS).all()
     assert (summary["completed"] + summary["failed"] <= NUM_REQUESTS).all()
@@ -134,6 +136,43 @@ def test_run_study_writes_one_row_per_run_and_its_files(hydra_conf: None, tmp_pa
         assert files[key].read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_study_over_load_scales_the_rate_and_draws_curves_and_conclusions(
+    hydra_conf: None, tmp_path: Path
+) -> None:
+    cfg = small_config(
+        "study.policies=[fifo,priority]", "study.routers=[load_balanced]", "study.loads=[0.5,2]"
+    )
+    runs = grid(cfg.study)
+    assert [r["load"] for r in runs] == ["0.5"] * 4 + ["2"] * 4
+    result = run_study(runs, lambda extra: small_config(*extra), tmp_path, jobs=2)
+
+    summary = result.summary
+    offered = summary.groupby("load")["offered_rps"].mean()
+    assert offered[2.0] / offered[0.5] == pytest.approx(4.0, rel=0.25)  # tiny: Poisson at 20/s
+    assert offered[0.5] == pytest.approx(10.0, rel=0.25)
+    assert (summary.groupby("load")["requests"].unique().map(list) == [[NUM_REQUESTS]] * 2).all()
+    assert result.files["load_curves"].read_bytes()[:8] == PNG_MAGIC
+    assert set(result.requests["load"].astype(str)) == {"0.5", "2"}
+    assert "2x" not in result.table  # the table shows the load nearest 1x; the curves both
+    text = "\n".join(result.conclusions)
+    assert "Highest goodput" in text and "PD separation (threshold)" in text
+    best = summary.loc[summary["goodput_rps"].idxmax()]
+    assert f"{best['goodput_rps']:.2f} req/s meet their SLO" in text
+
+
+def test_load_override_scales_each_kind_of_workload(hydra_conf: None) -> None:
+    assert load_override(small_config().workload, 2.0) == ["workload.arrival.rate_rps=40.0"]
+    trace = compose(config_name="config", overrides=["workload=azure_conv_study"]).workload
+    assert load_override(trace, 2.0) == [f"workload.time_scale={trace.time_scale / 2.0!r}"]
+    assert load_override(trace, 1.0) == []
+    mooncake = compose(
+        config_name="config", overrides=["workload=mooncake_conv", "workload.rate_rps=3.0"]
+    ).workload
+    assert load_override(mooncake, 0.5) == ["workload.rate_rps=1.5"]
+    with pytest.raises(ValueError, match=r"study\.loads=\[0\.0\]"):
+        grid(small_config("study.loads=[0]").study)
+
+
 def _run_main(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "experiments.run", *args],
@@ -150,6 +189,7 @@ def test_main_study_prints_the_table_and_writes_the_plots(tmp_path: Path) -> Non
         "workload=tiny",
         "study.policies=[fifo,slo_aware]",
         "study.routers=[load_balanced]",
+        "study.loads=[1,2]",
         f"hydra.run.dir={tmp_path}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -161,9 +201,11 @@ def test_main_study_prints_the_table_and_writes_the_plots(tmp_path: Path) -> Non
         if line.split()[1:2] in (["off"], ["threshold"])
     ]
     assert sorted(rows) == ["fifo", "fifo", "slo_aware", "slo_aware"]
-    for name in ("latency_cdf.png", "goodput.png"):
+    for name in ("latency_cdf.png", "goodput.png", "load_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
-    assert len(json.loads((tmp_path / "summary.json").read_text())) == 4
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 8  # 4 runs at 2 loads
+    assert "goodput (req/s) by load" in out.stdout
+    assert "- Highest goodput:" in out.stdout and "- PD separation (threshold)" in out.stdout
 
 
 def test_multirun_writes_one_summary_per_job_and_load_runs_reads_them(tmp_path: Path) -> None:
