@@ -11,13 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.build import build_run, run_setup
 from experiments.compare import load_runs
 from experiments.report import TABLE_COLUMNS
 from experiments.schema import register
 from experiments.study import grid, load_override, run_study
+from experiments.sweep_table import SweepTable, planned_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -217,6 +218,7 @@ def test_multirun_writes_one_summary_per_job_and_load_runs_reads_them(tmp_path: 
         assert (job.parent / "requests.parquet").is_file()
         assert (job.parent / "instances.parquet").is_file()
     assert "Joblib.Parallel" in out.stdout + out.stderr  # the jobs ran in parallel
+    assert "sweep: 100%" in out.stderr and "2/2" in out.stderr  # the sweep's progress bar
     assert (tmp_path / "runs.parquet").is_file()  # one table of the sweep, at its end
     runs = load_runs(tmp_path)
     assert len(runs) == 2
@@ -224,6 +226,40 @@ def test_multirun_writes_one_summary_per_job_and_load_runs_reads_them(tmp_path: 
     assert (runs["router"] == "load_balanced").all() and (runs["pd"] == "off").all()
     assert (runs["requests"] == 200).all()
     assert runs["run_dir"].map(lambda d: Path(d).parent == tmp_path).all()
+
+
+def _sweep_config(root: Path, sweeper: dict[str, object], task: list[str]) -> DictConfig:
+    return OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(root)}, "sweeper": sweeper, "overrides": {"task": task}}}
+    )
+
+
+def test_planned_jobs_counts_what_the_sweeper_will_run(tmp_path: Path) -> None:
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}
+    task = ["policy=fifo,slo_aware", "router=a,b,c", "workload=tiny"]
+    assert planned_jobs(_sweep_config(tmp_path, basic, task)) == 6
+    with_params = {**basic, "params": {"seed": "0,1"}}
+    assert planned_jobs(_sweep_config(tmp_path, with_params, task)) == 12
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
+    assert planned_jobs(_sweep_config(tmp_path, {**optuna, "n_trials": 7}, task)) == 7
+    assert planned_jobs(_sweep_config(tmp_path, {"_target_": "x.Other"}, task)) is None
+
+
+def test_a_sweep_table_that_lacks_jobs_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({"policy": "fifo"}))
+    config = _sweep_config(
+        tmp_path,
+        {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+        ["policy=fifo,slo_aware"],
+    )
+    callback = SweepTable(poll_s=0.01)
+    callback.on_multirun_start(config)
+    callback.on_multirun_end(config)
+    assert len(load_runs(tmp_path)) == 1
+    assert "has 1 of the 2 jobs planned" in caplog.text
 
 
 def test_load_runs_without_summaries_says_what_to_do(tmp_path: Path) -> None:
