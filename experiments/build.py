@@ -178,7 +178,10 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
     names.setdefault("policy", _short(cfg.policy))
     names.setdefault("router", _short(cfg.router))
     names.setdefault("pd", _short(cfg.pd) if cfg.get("pd") else "off")
-    info = {"latency_models": {r.instance.instance_id: r.latency_source for r in replicas}}
+    info = {
+        "latency_models": {r.instance.instance_id: r.latency_source for r in replicas},
+        "usd_per_hour": sum(r.instance.cost_per_hour for r in replicas),
+    }
     return RunSetup(sim, instantiate(cfg.workload), int(cfg.seed), names, info)
 
 

@@ -57,6 +57,7 @@ def summary_row(labels: Mapping[str, str], result: RunResult) -> dict[str, objec
         "e2e_p99_ms": pct("latency_ms", 99),
         "throughput_tok_s": m.throughput_tokens_per_s,
         "cost_per_1m_tokens_usd": 1e6 * m.cost_per_token,
+        "usd_per_hour": result.info.get("usd_per_hour", float("nan")),
         "gpu_utilization": m.avg_gpu_utilization,
         "sim_time_s": result.sim_time_s,
         "wall_time_s": result.wall_time_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -26,17 +27,44 @@ register()
 
 
 def single_run(cfg: DictConfig, out_dir: Path) -> float:
-    """One simulation: records, per-instance series and a summary under ``out_dir``."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    """One simulation: records, per-instance series and a summary under ``out_dir``; returns
+    its goodput, or its ``objective`` (for sweepers)."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    choices = hydra_cfg.runtime.choices if hydra_cfg else {}
     labels = {k: str(choices.get(k) or "off") for k in LABELS}
     result = run_setup(build_run(cfg, labels=labels))
     row = summary_row(labels, result)
+    if hydra_cfg is not None:
+        row["overrides"] = " ".join(hydra_cfg.overrides.task)
+    value = float(row["goodput_rps"])
+    if cfg.get("objective") is not None:
+        row["meets_slo"], value = objective_value(row, cfg.objective)
+        row["objective"] = value
     out_dir.mkdir(parents=True, exist_ok=True)
     result.requests.to_parquet(out_dir / "requests.parquet", index=False)
     result.instances.to_parquet(out_dir / "instances.parquet", index=False)
     (out_dir / "summary.json").write_text(json.dumps(row, indent=1, default=str))
     print(json.dumps(row, indent=1, default=str))
-    return float(row["goodput_rps"])
+    return value
+
+
+def objective_value(row: dict[str, object], objective: DictConfig) -> tuple[bool, float]:
+    """Whether the run met every bound of ``objective.slo`` (summary column -> most allowed,
+    e.g. ``ttft_p99_ms: 2000``), and its score, to minimise: the deployment's price per hour
+    when it does; else ``penalty_usd_per_hour`` x (1 + the worst relative excess), which ranks
+    every miss behind every deployment cheaper than the penalty, and nearer misses first."""
+    excess = 0.0
+    for column, bound in objective.slo.items():
+        if column not in row:
+            raise ValueError(f"objective.slo.{column}: not a summary column; one of {sorted(row)}")
+        value = float(str(row[column]))
+        if math.isnan(value):  # nothing completed: no percentile to meet the bound
+            excess = math.inf
+        elif value > bound:
+            excess = max(excess, value / bound - 1.0)
+    if excess == 0.0:
+        return True, float(str(row["usd_per_hour"]))
+    return False, float(objective.penalty_usd_per_hour) * (1.0 + min(excess, 1e6))
 
 
 def study_run(cfg: DictConfig, out_dir: Path) -> float:

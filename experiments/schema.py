@@ -57,6 +57,15 @@ class KVLinkSchema:
 
 
 @dataclass
+class ObjectiveSchema:
+    """What a ``-m`` job returns to a sweeper (experiments.run.objective_value); without one,
+    its goodput."""
+
+    slo: dict[str, float] = field(default_factory=dict)  # summary column -> most allowed
+    penalty_usd_per_hour: float = 1000.0
+
+
+@dataclass
 class RunSchema:
     """Top-level keys of conf/config.yaml. Group options (policy, router, ...) stay free-form
     because each one's keys are its constructor's arguments."""
@@ -77,6 +86,8 @@ class RunSchema:
     study: Any = None
     backend: Any = None
     parallelism: Any = None
+    search: Any = None
+    objective: ObjectiveSchema | None = None
     faults: list[Any] = field(default_factory=list)
 
 

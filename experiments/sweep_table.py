@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -36,6 +37,20 @@ def planned_jobs(config: DictConfig) -> int | None:
     )
     (jobs,) = BasicSweeper.split_arguments(overrides, None)  # one batch: all of them
     return len(jobs)
+
+
+def cheapest_meeting_slo(runs: pd.DataFrame) -> str:
+    """A search's answer: the cheapest run that met the objective's SLO, and what it set."""
+    met = runs[runs["meets_slo"].astype(bool)]
+    if met.empty:
+        return f"none of the {len(runs)} deployments tried met the SLO"
+    best = met.sort_values(["usd_per_hour", "goodput_rps"], ascending=[True, False]).iloc[0]
+    return (
+        f"cheapest deployment meeting the SLO ({len(met)} of {len(runs)} tried met it): "
+        f"${best['usd_per_hour']:.2f}/hour, TTFT p99 {best['ttft_p99_ms']:.0f} ms, TPOT p99 "
+        f"{best['tpot_p99_ms']:.1f} ms, goodput {best['goodput_rps']:.2f} req/s; "
+        f"{best['overrides']}"
+    )
 
 
 class SweepTable(Callback):
@@ -67,7 +82,10 @@ class SweepTable(Callback):
         root, total = Path(config.hydra.sweep.dir), planned_jobs(config)
         found = sorted(root.rglob("summary.json"))
         if found:
-            summaries(root).to_parquet(root / RUNS_TABLE, index=False)
+            runs = summaries(root)
+            runs.to_parquet(root / RUNS_TABLE, index=False)
+            if "meets_slo" in runs:
+                log.info("%s", cheapest_meeting_slo(runs))
         if total is not None and len(found) < total:
             log.warning(
                 "%s has %d of the %d jobs planned: the others failed, or wrote their summary "

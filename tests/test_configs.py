@@ -32,6 +32,8 @@ GROUPS = ("policy", "router", "pd", "cluster", "workload", "profile", "study", "
 STANDALONE = ("backend",)
 #: Folders of other primary configs (conf/serve/config.yaml: ``cpsim serve``), tested below.
 PRIMARY = ("serve",)
+#: Options that set keys across the config (``# @package _global_``): conf/search/.
+GLOBAL = ("search",)
 #: Groups that conf/config.yaml's defaults list does not name (appended with ``+group=``).
 APPENDED: tuple[str, ...] = ()
 
@@ -61,7 +63,7 @@ CASES = [
 def test_every_group_directory_is_covered() -> None:
     """A new group (a conf/ folder with options) must be added to GROUPS to be tested here."""
     dirs = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
-    assert dirs == set(GROUPS) | set(STANDALONE) | set(PRIMARY)
+    assert dirs == set(GROUPS) | set(STANDALONE) | set(PRIMARY) | set(GLOBAL)
     assert all(options(g) for g in GROUPS)
 
 
@@ -150,6 +152,9 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
         composed = compose_config([*overrides_for(runs[-1]), "workload=tiny"])
         assert composed.policy is not None
         return
+    if group == "pd" and option == "off":  # no PD: a name for sweeps, an empty node
+        assert not node and build_run(cfg).labels["pd"] == "off"
+        return
     assert "_target_" in node, f"{group}/{option}.yaml has no _target_"
     obj = instantiate(node)
     if group == "policy":
@@ -178,6 +183,14 @@ def test_every_option_composes_and_instantiates(group: str, option: str) -> None
     if group in ("policy", "router", "pd"):  # the whole run builds (nothing runs)
         setup = build_run(cfg)
         assert len(setup.simulation.procs) == 4
+
+
+@pytest.mark.parametrize("option", options("search"))
+def test_search_options_set_an_objective_and_build_a_run(option: str) -> None:
+    cfg = compose_config([f"search={option}"])
+    assert cfg.objective.slo and cfg.objective.penalty_usd_per_hour > 0
+    _skip_without_traces(cfg.workload)
+    assert build_run(cfg).info["usd_per_hour"] > 0
 
 
 @pytest.mark.parametrize("option", options("parallelism"))
