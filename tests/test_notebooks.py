@@ -124,6 +124,6 @@ def test_fidelity_notebook_overlays_per_request_records(tmp_path: Path) -> None:
         text=True,
     )
     assert made.returncode == 0, made.stderr
-    execute(path, tmp_path, {"report_dir": str(saved)})
+    execute(path, tmp_path, {"report_dir": str(saved), "simulated": "sim"})
     assert (tmp_path / "out" / "fidelity_cdfs.png").is_file()
     assert "from per-request records" in (tmp_path / "out" / "conclusion.md").read_text()
