@@ -444,6 +444,15 @@ class ControlPlane:
             req.decode_instance_id = choice.instance_id
             out.append(Dispatch(req.view.meta, choice.instance_id, _DECODE, source))
 
+    def _prefill_fallback(
+        self, rview: RequestView, views: dict[str, InstanceView], avoid: tuple[str, ...]
+    ) -> list[InstanceView]:
+        """Prefill instances that may run a request whole, when no instance that decodes its
+        model is up to do it (a prefill-only pool must not leave the queue stuck)."""
+        if self._decode_instance_up(rview, views):
+            return []
+        return self._candidates(rview, _PREFILL, views, avoid)
+
     def _decode_instance_up(self, rview: RequestView, views: dict[str, InstanceView]) -> bool:
         """Whether an instance that decodes the request's model is up and not draining:
         one that will take the hand-off once it has room."""
@@ -473,6 +482,8 @@ class ControlPlane:
             cands = self._candidates(rview, phase, views, avoid)
             if not cands and phase is _PREFILL:
                 phase, cands = _FULL, self._candidates(rview, _FULL, views, avoid)
+            if not cands and phase is _FULL and self.pd_policy is not None:
+                cands = self._prefill_fallback(rview, views, avoid)
             if not cands:
                 continue
             placement = policy.place(rview, cands, router, now)

@@ -307,6 +307,33 @@ def test_with_no_decode_instance_up_a_handoff_decodes_where_it_was_prefilled(
     assert (row["prefill_instance_id"], row["decode_instance_id"]) == ("p", "p")
 
 
+@pytest.mark.parametrize("decode_state", ["absent", "down", "draining", "up but full"])
+def test_with_no_decode_instance_up_an_arrival_runs_whole_on_a_prefill_instance(
+    decode_state: str,
+) -> None:
+    cp = ControlPlane(SCHEDULING_POLICIES["fifo"](), ROUTERS["round_robin"](), AlwaysPrefill())
+    cp.add_instance(ExecutionInstance("p", instance_type=ExecutionInstanceType.PREFILLING), 0.0)
+    if decode_state != "absent":
+        slots = 1 if decode_state == "up but full" else 8
+        decode = ExecutionInstance(
+            "d", instance_type=ExecutionInstanceType.DECODING, max_concurrent_requests=slots
+        )
+        cp.add_instance(decode, 0.0)
+    if decode_state == "down":
+        cp.on_instance_failure("d", 0.0, "crashed")
+    elif decode_state == "draining":
+        cp.drain_instance("d")
+    elif decode_state == "up but full":
+        cp.on_arrival(req("fill", max_tokens=1), 0.0)
+        assert [(d.phase, d.instance_id) for d in cp.dispatch(0.0)] == [(Phase.FULL, "d")]
+    cp.on_arrival(req("short", max_tokens=1), 0.1)  # not disaggregated: a whole request
+    out = cp.dispatch(0.1)
+    if decode_state == "up but full":  # it waits for the decode instance, which will take it
+        assert out == [] and cp.status("short") is RequestStatus.QUEUED
+        return
+    assert [(d.request_id, d.phase, d.instance_id) for d in out] == [("short", Phase.FULL, "p")]
+
+
 def test_cost_shares_add_up_to_busy_cost() -> None:
     cp = make_cp()
     cp.add_instance(ExecutionInstance("a", cost_per_gpu_hour=3600.0), 0.0)  # $1 per second

@@ -31,6 +31,7 @@ class Case:
     queue_timeout_s: float = 10.0
     reason: str = ""
     hog: bool = False  # a long request fills d1 first (one slot)
+    instance: str | None = None  # where the completed try ran, when it ran whole
 
 
 CASES = {
@@ -62,11 +63,15 @@ CASES = {
         {"d1": [Fault("crash", PREFILL_S / 2)]}, "COMPLETED", ("p", "p"),
         decode_instances=("d1",),
     ),
-    # none is up as it arrives: it waits in the queue (a prefill-only pool does not run
-    # whole requests) and fails at the queue timeout
+    # none is up as it arrives: the prefill instance runs it whole (it can decode)
     "no decode instance up at arrival": Case(
-        {"d1": [Fault("crash", 0.0)]}, "FAILED", None, decode_instances=("d1",),
-        queue_timeout_s=1.0, reason="queued longer than 1.0 s",
+        {"d1": [Fault("crash", 0.0)]}, "COMPLETED", None, decode_instances=("d1",),
+        queue_timeout_s=1.0, instance="p",
+    ),
+    # none is up, and the prefill instance is down too: it waits, and fails at the timeout
+    "no instance up at arrival": Case(
+        {"p": [Fault("crash", 0.0)], "d1": [Fault("crash", 0.0)]}, "FAILED", None,
+        decode_instances=("d1",), queue_timeout_s=1.0, reason="queued longer than 1.0 s",
     ),
     # the only decode instance is up but full beyond the queue timeout
     "no decode instance takes it in time": Case(
@@ -97,6 +102,8 @@ def test_a_handoff_ends_whatever_fails_and_no_replica_keeps_its_kv(name: str) ->
     assert row["status"] == case.status, row["reason"]
     if case.where is not None:
         assert (row["prefill_instance_id"], row["decode_instance_id"]) == case.where
+    if case.instance is not None:
+        assert row["instance_id"] == case.instance
     if case.status == "COMPLETED":
         assert row["num_output_tokens"] == 20
     assert case.reason in str(row["reason"] or "")
