@@ -59,10 +59,13 @@ def _shipped(directory: Path) -> tuple[tuple[str, ProfiledLatencyModel], ...]:
 def find_profile(
     instance: ExecutionInstance, directory: Path = PROFILE_DIR
 ) -> tuple[str, ProfiledLatencyModel] | None:
-    """A profile in ``directory`` measured on the instance's GPU for its model, TP and PP."""
+    """A profile in ``directory`` measured with today's vLLM (an instance is such an engine;
+    other engines' and old versions' profiles are used only where named) on the instance's
+    GPU for its model, TP and PP."""
     for name, profile in _shipped(directory):
         on_gpu = profile.hardware.strip().lower() in _gpu_names()
-        if on_gpu and misfit(profile, instance) is None:
+        is_vllm = profile.engine.strip().lower() in ("vllm", "vllm-cpu")
+        if on_gpu and is_vllm and misfit(profile, instance) is None:
             return name, profile
     return None
 

@@ -120,8 +120,11 @@ def build_replicas(
         by_instance.setdefault(f.pop("instance_id"), []).append(Fault(**f))
     replicas = []
     utilization = cluster.get("replica", {}).get("gpu_memory_utilization", 0.9)
+    scheduler = cluster.get("replica", {}).get("scheduler", "mixed")
     for inst in build_instances(cluster, pd_enabled):
-        config = ReplicaConfig.from_instance(inst, gpu_memory_utilization=utilization)
+        config = ReplicaConfig.from_instance(
+            inst, gpu_memory_utilization=utilization, scheduler=scheduler
+        )
         # an explicit count (what a real engine reported) wins over the memory estimate
         blocks = cluster.get("replica", {}).get("num_gpu_blocks") or num_kv_blocks(
             model,

@@ -63,6 +63,16 @@ def test_latency_for_picks_the_groups_then_the_runs_then_a_shipped_profile_then_
         latency_for(opt13b(2), "vllm-opt-13b-a100-80gb-tp4", run)
 
 
+def test_another_engines_profile_prices_an_instance_only_where_its_group_names_it() -> None:
+    # DistServe's engine and vLLM 0.2.3 on Ray are profiled for OPT-13B at TP1 and TP2 too
+    for tp in (1, 2):
+        model, why = latency_for(opt13b(tp))
+        assert isinstance(model, ProfiledLatencyModel) and model.engine == "vllm"
+        assert why.startswith(f"profile vllm-opt-13b-a100-80gb-tp{tp} ")
+    named, why = latency_for(opt13b(2), "distserve-opt-13b-a100-80gb-tp2")
+    assert isinstance(named, ProfiledLatencyModel) and named.engine == "distserve"
+
+
 def test_predictions_use_each_instances_own_model() -> None:
     tp1, tp4 = load_profile(TP1), load_profile("vllm-opt-13b-a100-80gb-tp4")
     models = InstanceLatencyModels({"a": tp1, "b": tp4}, default=tp1)

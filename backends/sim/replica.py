@@ -24,13 +24,15 @@ from backends.sim.scheduling import admission_possible, apply_step, schedule_ste
 from backends.sim.step import StepOutcome, StepPlan
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.types import DecodingConfig, ExecutionInstance, PrefillingConfig
-from cpsim.validation import check_non_negative, check_positive, check_range
+from cpsim.validation import check_choice, check_non_negative, check_positive, check_range
 from cpsim.views import new_namedtuple
 
 #: A decode run's outcome counts no tokens request by request (see StepOutcome).
 _NO_COUNTS: Final[MappingProxyType[str, int]] = MappingProxyType({})
 
 __all__ = ["ReplicaConfig", "SimReplica", "SimRequest"]
+
+SCHEDULERS = ("mixed", "prefill_first")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +47,13 @@ class ReplicaConfig:
     long_prefill_token_threshold: int = 0
     num_gpu_blocks: int | None = None  # overrides the count derived from GPU memory
     gpu_memory_utilization: float = 0.9
+    # "mixed": vLLM v1 (prefill chunks and decodes in one step); "prefill_first": vLLM up to
+    # 0.5's default scheduler (and DistServe's), where a step that admits waiting prompts
+    # computes only them and the running decodes stall for it
+    scheduler: str = "mixed"
 
     def __post_init__(self) -> None:
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_positive("max_num_batched_tokens", self.max_num_batched_tokens, integer=True)
         check_positive("max_num_seqs", self.max_num_seqs, integer=True)
         check_positive("block_size", self.block_size, integer=True)

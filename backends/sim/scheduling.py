@@ -25,6 +25,10 @@ def schedule_step(rep: SimReplica) -> StepPlan:
     cfg, pool, decode, bs = rep.config, rep.pool, rep._decode, rep.block_size
     budget = cfg.max_num_batched_tokens
     chunks: list[tuple[SimRequest, int]] = []
+    if cfg.scheduler == "prefill_first" and rep._waiting:
+        prompts = _prompt_only_step(rep)
+        if prompts is not None:
+            return prompts
     preempted: list[str] = []
     num_bulk = len(decode)
     want_tokens = num_bulk
@@ -59,6 +63,20 @@ def schedule_step(rep: SimReplica) -> StepPlan:
     return new_namedtuple(
         StepPlan,
         (rep.num_steps, tuple(chunks), bulk_ids, tuple(new_ids), tuple(preempted), batch),
+    )
+
+
+def _prompt_only_step(rep: SimReplica) -> StepPlan | None:
+    """vLLM v0's step when prompts wait: as many as the budget, ``max_num_seqs`` and the free
+    blocks admit, and nothing else (the running decodes wait); None when none is admitted."""
+    chunks: list[tuple[SimRequest, int]] = []
+    new_ids: list[str] = []
+    _admit_waiting(rep, rep.config.max_num_batched_tokens, chunks, new_ids)
+    if not chunks:
+        return None
+    batch = _price_features(rep, chunks, 0)
+    return new_namedtuple(
+        StepPlan, (rep.num_steps, tuple(chunks), (), tuple(new_ids), (), batch)
     )
 
 

@@ -91,6 +91,41 @@ def test_running_requests_first_then_waiting_within_the_budget(latency) -> None:
     assert plan.batch.num_decode_seqs == 1 and plan.batch.num_prefill_tokens == 99
 
 
+def test_prefill_first_steps_compute_only_prompts_and_stall_the_decodes(latency) -> None:  # type: ignore[no-untyped-def]
+    rep = make_replica(
+        latency, max_num_batched_tokens=1000, enable_chunked_prefill=False,
+        scheduler="prefill_first",
+    )  # fmt: skip
+    rep.add_request(SimRequest("a", 90, 5))
+    rep.update_from_output(rep.schedule())
+    rep.add_request(SimRequest("b", 200, 5))
+    rep.add_request(SimRequest("c", 300, 5))
+    plan = rep.schedule()  # vLLM v0: the waiting prompts alone, "a" waits a step
+    assert plan.num_scheduled_tokens == {"b": 200, "c": 300}
+    assert plan.batch == StepBatch(500, 200**2 + 300**2, 0, 2, 0, 0)
+    rep.update_from_output(plan)
+    plan = rep.schedule()  # nothing waits: every running sequence decodes
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1, "c": 1}
+    assert plan.batch.num_prefill_tokens == 0 and plan.batch.num_decode_seqs == 3
+
+
+def test_a_prompt_that_cannot_be_admitted_does_not_stall_prefill_first_decodes(latency) -> None:  # type: ignore[no-untyped-def]
+    rep = make_replica(
+        latency, max_num_batched_tokens=1000, enable_chunked_prefill=False,
+        scheduler="prefill_first",
+    )  # fmt: skip
+    rep.add_request(SimRequest("a", 90, 5))
+    rep.update_from_output(rep.schedule())
+    rep.add_request(SimRequest("huge", 5000, 5))  # over the budget: never admitted
+    plan = rep.schedule()
+    assert plan.num_scheduled_tokens == {"a": 1}
+
+
+def test_an_unknown_scheduler_is_named_with_the_allowed_ones(latency) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"scheduler.*'v0'.*mixed.*prefill_first"):
+        make_replica(latency, scheduler="v0")
+
+
 def test_preemption_when_blocks_run_short_sends_the_newest_to_the_front(latency) -> None:  # type: ignore[no-untyped-def]
     rep = make_replica(latency, num_blocks=9, block_size=16)
     rep.add_request(SimRequest("old", 64, 40))  # 4 blocks, grows to 7

@@ -1,0 +1,201 @@
+"""Replays published per-request logs of a real serving system in the simulator and tables
+how far the simulation lands from what the system measured, per log (one request rate each).
+
+    python -m experiments.replay LOG [LOG ...] [--columns ...] [--out DIR] -- OVERRIDE ...
+
+A log is a CSV, JSON (a list of records) or JSONL file with one row per request: its arrival
+(issue) time, prompt and output lengths, and the TTFT and TPOT the system measured.
+``--columns`` maps those to the log's own names (defaults: issue_time_s, prompt_len,
+output_len, ttft_ms, tpot_ms); ``--time-unit ms`` when arrivals are in milliseconds. The
+requests arrive in the simulator at the logged times (rebased to the first), ask for exactly
+the logged output (as the benchmarks' ``ignore_eos``), and run on the cluster composed from
+``conf/`` by the overrides after ``--`` (e.g. ``cluster=distserve_opt13b pd=threshold``).
+
+Per log: the real and simulated p50/p90 TTFT and TPOT and their relative errors, the median
+per-request error, and the SLO attainment of both (TTFT < ``--slo-ttft-ms`` and TPOT <
+``--slo-tpot-ms``; a one-token answer has no TPOT and meets that part) with their
+difference in points. ``docs/replay.md`` has the tables for DistServe's published logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cpsim.types import RequestMetadata
+from experiments.api import compose_config
+from experiments.build import build_run
+
+FIELDS = ("arrival", "prompt", "output", "ttft", "tpot")
+DEFAULT_COLUMNS = {
+    "arrival": "issue_time_s",
+    "prompt": "prompt_len",
+    "output": "output_len",
+    "ttft": "ttft_ms",
+    "tpot": "tpot_ms",
+}
+PERCENTILES = (50, 90)
+
+
+def read_log(path: Path, columns: dict[str, str], time_unit: str = "s") -> pd.DataFrame:
+    """A log as one row per request in arrival order: arrival_s (from 0), prompt, output,
+    ttft_ms, tpot_ms."""
+    if path.suffix == ".csv":
+        raw = pd.read_csv(path)
+    elif path.suffix == ".jsonl":
+        raw = pd.read_json(path, lines=True)
+    elif path.suffix == ".json":
+        raw = pd.DataFrame(json.loads(path.read_text()))
+    else:
+        raise ValueError(f"{path}: a log must be .csv, .json or .jsonl, not {path.suffix!r}")
+    missing = [f"{field}={name}" for field, name in columns.items() if name not in raw]
+    if missing:
+        raise ValueError(
+            f"{path}: no column for {', '.join(missing)}; its columns are {list(raw.columns)} "
+            "(map them with --columns field=name,...)"
+        )
+    scale = {"s": 1.0, "ms": 1e-3}[time_unit]
+    log = pd.DataFrame(
+        {
+            "arrival_s": raw[columns["arrival"]].astype(float) * scale,
+            "prompt": raw[columns["prompt"]].astype(int),
+            "output": raw[columns["output"]].astype(int),
+            "ttft_ms": raw[columns["ttft"]].astype(float),
+            "tpot_ms": raw[columns["tpot"]].astype(float),
+        }
+    )
+    log = log.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+    log["arrival_s"] -= log["arrival_s"].iloc[0]
+    return log
+
+
+def simulate_log(log: pd.DataFrame, overrides: Sequence[str]) -> pd.DataFrame:
+    """The logged requests run in the composed cluster; the sim's records, in log order."""
+    setup = build_run(compose_config(*overrides))
+    requests = [
+        (
+            float(row.arrival_s),
+            RequestMetadata(
+                f"r{i}", max_tokens=int(row.output), num_prompt_tokens=int(row.prompt)
+            ),
+        )
+        for i, row in enumerate(log.itertuples(index=False))
+    ]
+    records = setup.simulation.run(iter(requests), total=len(requests)).requests
+    return records.set_index("request_id").loc[[f"r{i}" for i in range(len(log))]]
+
+
+def attainment(ttft_ms: pd.Series, tpot_ms: pd.Series, output: pd.Series,
+               slo_ttft_ms: float, slo_tpot_ms: float) -> float:
+    """% of requests with TTFT < the TTFT SLO and TPOT < the TPOT SLO (strict, as DistServe
+    counts; a request that failed has no TTFT and misses)."""
+    tpot = tpot_ms.where(output > 1, 0.0).fillna(np.inf)
+    met = (ttft_ms.fillna(np.inf) < slo_ttft_ms) & (tpot < slo_tpot_ms)
+    return 100.0 * float(met.mean())
+
+
+def compare(name: str, log: pd.DataFrame, sim: pd.DataFrame, slo_ttft_ms: float,
+            slo_tpot_ms: float) -> dict[str, object]:
+    """One table row: the log's rate, real vs simulated percentiles and attainment."""
+    span_s = float(log["arrival_s"].iloc[-1])
+    row: dict[str, object] = {"log": name, "requests": len(log),
+                              "rate_rps": (len(log) - 1) / span_s if span_s > 0 else np.nan}
+    sim_ttft = pd.Series(sim["ttft_ms"].to_numpy(float))
+    sim_tpot = pd.Series(sim["tpot_ms"].to_numpy(float))
+    completed = sim["status"].astype(str).eq("COMPLETED").to_numpy()
+    row["sim_completed"] = int(completed.sum())
+    for metric, real, simulated in (("ttft", log["ttft_ms"], sim_ttft),
+                                    ("tpot", log["tpot_ms"], sim_tpot)):
+        keep = log["output"].to_numpy() > 1 if metric == "tpot" else np.ones(len(log), bool)
+        real_v = real.to_numpy(float)[keep]
+        sim_v = simulated.to_numpy(float)[keep & completed]
+        for q in PERCENTILES:
+            r, s = float(np.percentile(real_v, q)), float(np.nanpercentile(sim_v, q))
+            row[f"{metric}_p{q}_real_ms"] = r
+            row[f"{metric}_p{q}_sim_ms"] = s
+            row[f"{metric}_p{q}_err_%"] = 100.0 * (s - r) / r
+        both = keep & completed
+        per_request = np.abs(simulated.to_numpy(float)[both] - real.to_numpy(float)[both])
+        row[f"{metric}_median_abs_err_%"] = float(
+            np.median(100.0 * per_request / np.maximum(real.to_numpy(float)[both], 1e-9))
+        )
+    real_att = attainment(log["ttft_ms"], log["tpot_ms"], log["output"], slo_ttft_ms, slo_tpot_ms)
+    sim_att = attainment(sim_ttft, sim_tpot, log["output"], slo_ttft_ms, slo_tpot_ms)
+    row.update(attain_real_pct=real_att, attain_sim_pct=sim_att, attain_diff_pts=sim_att - real_att)
+    return row
+
+
+TABLE = {
+    "rate_rps": "rate req/s",
+    "attain_real_pct": "SLO % real",
+    "attain_sim_pct": "SLO % sim",
+    "attain_diff_pts": "diff pts",
+    "ttft_p50_err_%": "TTFT p50 err %",
+    "ttft_p90_err_%": "TTFT p90 err %",
+    "tpot_p50_err_%": "TPOT p50 err %",
+    "tpot_p90_err_%": "TPOT p90 err %",
+    "ttft_median_abs_err_%": "TTFT median per-request abs err %",
+    "tpot_median_abs_err_%": "TPOT median per-request abs err %",
+}
+
+
+def markdown(table: pd.DataFrame) -> str:
+    shown = table[["log", *TABLE]].rename(columns=TABLE)
+    head = "| " + " | ".join(shown.columns) + " |"
+    rule = "|" + "---|" * len(shown.columns)
+    rows = [
+        "| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in r) + " |"
+        for r in shown.itertuples(index=False)
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    columns = dict(DEFAULT_COLUMNS)
+    for item in filter(None, text.split(",")):
+        field, _, name = item.partition("=")
+        if field not in FIELDS or not name:
+            raise SystemExit(f"--columns {item!r}: give field=name with field one of {FIELDS}")
+        columns[field] = name
+    return columns
+
+
+def main(argv: Sequence[str]) -> pd.DataFrame:
+    args_part, _, overrides = list(argv), None, []
+    if "--" in argv:
+        cut = list(argv).index("--")
+        args_part, overrides = list(argv[:cut]), list(argv[cut + 1 :])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", type=Path)
+    fields = ", ".join(FIELDS)
+    p.add_argument("--columns", default="", help=f"field=name,... (fields: {fields})")
+    p.add_argument("--time-unit", choices=("s", "ms"), default="s")
+    p.add_argument("--slo-ttft-ms", type=float, default=200.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    p.add_argument("--out", type=Path, default=None, help="write replay.csv and replay.md here")
+    args = p.parse_args(args_part)
+    columns = parse_columns(args.columns)
+    rows = []
+    for path in args.logs:
+        log = read_log(path, columns, args.time_unit)
+        sim = simulate_log(log, overrides)
+        rows.append(compare(path.stem, log, sim, args.slo_ttft_ms, args.slo_tpot_ms))
+    table = pd.DataFrame(rows).sort_values("rate_rps", kind="stable", ignore_index=True)
+    text = markdown(table)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out / "replay.csv", index=False)
+        command = "python -m experiments.replay " + " ".join(map(str, argv))
+        (args.out / "replay.md").write_text(f"`{command}`\n\n{text}\n")
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
