@@ -290,12 +290,41 @@ class ClusterSimulation:
             if not self.procs[abort.instance_id].abort(abort.request_id):
                 self.transfers.cancel(abort.request_id)
 
+    def link_break(
+        self, source: str | None, target: str, now: float, transfer_s: float
+    ) -> tuple[float, str] | None:
+        """When a hand-off from ``source`` to ``target`` starting now breaks, and why: the
+        first "link" fault of either replica that overlaps the transfer (None: it arrives)."""
+        if source is None or source == target:
+            return None
+        found: tuple[float, str] | None = None
+        for iid in (source, target):
+            for fault in self.specs[iid].faults:
+                overlaps = fault.at_s < now + transfer_s and fault.end_s > now
+                if fault.kind != "link" or not overlaps:
+                    continue
+                at = max(now, fault.at_s) + fault.fail_after_s
+                if found is None or at < found[0]:
+                    why = f"KV transfer {source} -> {target} failed: the link of {iid} is down"
+                    found = (at, why)
+        return found
+
     def _start(self, d: Dispatch, now: float) -> None:
         spec = self.specs[d.instance_id]
         req = sim_request_for(d, spec.config, now)
         proc = self.procs[d.instance_id]
         if d.phase is Phase.DECODE:
             delay_s = handoff_s(self.kv_link, d, spec.model)
-            self.transfers.start(proc, req, delay_s)
+            broken = self.link_break(d.source_instance_id, d.instance_id, now, delay_s)
+            if broken is None:
+                self.transfers.start(proc, req, delay_s)
+            else:
+                fail_s, reason = broken
+                rid, target = d.request_id, d.instance_id
+
+                def report() -> None:
+                    self.events.on_failure(rid, target, reason, self.clock.now())
+
+                self.transfers.fail(rid, fail_s - now, report)
         else:
             proc.submit(req, d.phase)

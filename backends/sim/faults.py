@@ -1,4 +1,5 @@
-"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, a black hole."""
+"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, a black hole, a
+broken KV link."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Literal
 
 from cpsim.validation import check_choice, check_non_negative, check_positive
 
-FaultKind = Literal["crash", "stall", "slowdown", "fail"]
-FAULT_KINDS = ("crash", "stall", "slowdown", "fail")
+FaultKind = Literal["crash", "stall", "slowdown", "fail", "link"]
+FAULT_KINDS = ("crash", "stall", "slowdown", "fail", "link")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,9 @@ class Fault:
     snapshots go on); slowdown: step times are multiplied by ``factor`` meanwhile; fail (a
     black hole): the replica stays up and healthy but fails each request submitted
     meanwhile ``fail_after_s`` after it arrives, as an engine that answers every request
-    with an error at once (requests already on it go on)."""
+    with an error at once (requests already on it go on); link: the replica's KV link is
+    down, so a PD hand-off from or to it that is in flight meanwhile fails ``fail_after_s``
+    after the link went down or the transfer began (the replica itself serves on)."""
 
     kind: FaultKind
     at_s: float

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import simpy
@@ -26,6 +26,21 @@ class KVTransfers:
         token = object()
         self._pending[req.request_id] = token
         self.env.process(self._deliver(proc, req, delay_s, token, proc.num_crashes))
+
+    def fail(self, request_id: str, delay_s: float, report: Callable[[], None]) -> None:
+        """A transfer that breaks: ``report`` is called after ``delay_s`` unless the hand-off
+        was cancelled meanwhile."""
+        token = object()
+        self._pending[request_id] = token
+        self.env.process(self._break(request_id, delay_s, report, token))
+
+    def _break(
+        self, request_id: str, delay_s: float, report: Callable[[], None], token: object
+    ) -> Generator[simpy.Event, Any, None]:
+        yield self.env.timeout(delay_s)
+        if self._pending.get(request_id) is token:
+            del self._pending[request_id]
+            report()
 
     def cancel(self, request_id: str) -> bool:
         """Drop a transfer still in flight; False if there is none."""

@@ -437,6 +437,8 @@ class ReplicaProcess:
         elif fault.kind == "fail":
             self._failing_until_s = max(self._failing_until_s, env.now + duration)
             self._fail_after_s = fault.fail_after_s
+        elif fault.kind == "link":
+            return  # the cluster's hand-offs see it (ClusterSimulation.link_break)
         elif fault.kind == "stall":
             self._stalled_until_s = max(self._stalled_until_s, env.now + duration)
             if self._step_start_s is not None:

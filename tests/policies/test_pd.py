@@ -13,7 +13,11 @@ from policies import PD_POLICIES, make_pd_policy, make_policy, make_router
 from policies.pd.adaptive import AdaptivePDPolicy, ThresholdMove
 from policies.pd.threshold import ThresholdPDPolicy
 
-PD_YAMLS = sorted((Path(__file__).resolve().parents[2] / "conf" / "pd").glob("*.yaml"))
+# conf/pd/off.yaml names "no PD" for sweeps: no policy behind it
+PD_YAMLS = sorted(
+    p for p in (Path(__file__).resolve().parents[2] / "conf" / "pd").glob("*.yaml")
+    if p.stem != "off"
+)
 PREFILL = ExecutionInstanceType.PREFILLING
 DECODE = ExecutionInstanceType.DECODING
 GENERAL = ExecutionInstanceType.GENERAL

@@ -57,6 +57,18 @@ CASES = {
         {"d1": [Fault("crash", PREFILL_S + FAST_TRANSFER_S + 0.05)]}, "FAILED", None,
         reason="d1",
     ),
+    # the link breaks while the KV travels to d1: prefilled again, handed to d2, whose link
+    # works
+    "the link to the decode target fails during the transfer": Case(
+        {"d1": [Fault("link", PREFILL_S + SLOW_TRANSFER_S / 2)]}, "COMPLETED", ("p", "d2"),
+        link=SLOW_LINK,
+    ),
+    # the prefill instance's link is down for good: every hand-off breaks, and after the
+    # last attempt the request fails, saying so
+    "the prefill instance's link is down": Case(
+        {"p": [Fault("link", 0.0)]}, "FAILED", None,
+        reason="failed: the link of p is down",
+    ),
     # the only decode instance dies during the prefill: decoded where it was prefilled,
     # the KV already there
     "no decode instance up at the hand-off": Case(
