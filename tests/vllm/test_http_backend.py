@@ -195,7 +195,12 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         first = [RequestMetadata(f"fo-{i}", num_prompt_tokens=64, max_tokens=400) for i in range(9)]
         for meta in first:
             await cp.submit_request(meta)
-        while _num_streaming(cp, first) < 6:
+        deadline = asyncio.get_running_loop().time() + 60.0
+        while _num_streaming(cp, first) < 6:  # bounded: a hang here would stall the suite
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"only {_num_streaming(cp, first)} of 9 requests streaming after 60 s: "
+                f"{[(m.request_id, cp.core.status(m.request_id)) for m in first]}"
+            )
             await asyncio.sleep(0.02)
         victim.kill(signal.SIGKILL)
         late = [RequestMetadata(f"late-{i}", num_prompt_tokens=40, max_tokens=20) for i in range(6)]
@@ -207,7 +212,8 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         await cp.stop()
         return records, healthy, recorder.instance_events
 
-    records, healthy, instance_events = asyncio.run(main())
+    # bounded as a whole: a stuck await fails the test instead of stalling CI
+    records, healthy, instance_events = asyncio.run(asyncio.wait_for(main(), 300.0))
     assert healthy == (False, False)
     assert ("failed", dead) in instance_events and ("failed", alive) not in instance_events
     assert len(records) == 15  # nothing lost, nothing doubled
