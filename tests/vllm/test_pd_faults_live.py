@@ -25,7 +25,8 @@ from cpsim.types import ExecutionInstance, PDSeparationConfig, RequestMetadata, 
 pytestmark = pytest.mark.vllm
 
 LONG = RequestMetadata("long", num_prompt_tokens=700, max_tokens=24)  # disaggregated
-HOG = RequestMetadata("hog", num_prompt_tokens=60, max_tokens=1500)  # fills the decode slot
+# fills the only decode slot for ~2 s even on a fast machine (the context is 2048 tokens)
+HOG = RequestMetadata("hog", num_prompt_tokens=60, max_tokens=1900)
 
 
 @dataclass
@@ -51,8 +52,8 @@ CASES = {
         "down", ("up",), RequestStatus.COMPLETED, instance="decode-0"
     ),
     "no decode instance takes it in time": Case(
-        "up", ("one slot",), RequestStatus.FAILED, queue_timeout_s=2.0,
-        reason="prefilled on prefill, but no decode instance took it within 2.0 s",
+        "up", ("one slot",), RequestStatus.FAILED, queue_timeout_s=0.5,
+        reason="prefilled on prefill, but no decode instance took it within 0.5 s",
     ),
 }
 
