@@ -5,8 +5,6 @@ end and every trial in the sweep's table."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,10 @@ from omegaconf import OmegaConf
 
 from experiments.compare import load_runs
 from experiments.run import objective_value
+from tests.test_experiments import _run_main
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
-ROOT = Path(__file__).resolve().parents[2]
 #: Six deployments (1-3 replicas at TP 1 or 2), all tried by the grid sampler.
 TINY_SEARCH = """\
 # @package _global_
@@ -39,23 +37,12 @@ hydra:
 """
 
 
-def _search(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_a_grid_search_names_the_cheapest_deployment_that_meets_the_slo(tmp_path: Path) -> None:
     (tmp_path / "conf" / "search").mkdir(parents=True)
     (tmp_path / "conf" / "search" / "tiny.yaml").write_text(TINY_SEARCH)
     sweep = tmp_path / "sweep"
-    out = _search(
-        tmp_path,
+    out = _run_main(
+        "-m",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "search=tiny",
         f"hydra.sweep.dir={sweep}",
@@ -80,8 +67,8 @@ def test_a_grid_search_names_the_cheapest_deployment_that_meets_the_slo(tmp_path
 
 def test_the_shipped_search_runs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    out = _search(
-        tmp_path,
+    out = _run_main(
+        "-m",
         "search=cheapest_under_slo",
         "hydra.sweeper.n_trials=2",
         "workload.duration_s=20",

@@ -91,13 +91,19 @@ def test_running_requests_first_then_waiting_within_the_budget(latency) -> None:
     assert plan.batch.num_decode_seqs == 1 and plan.batch.num_prefill_tokens == 99
 
 
-def test_prefill_first_steps_compute_only_prompts_and_stall_the_decodes(latency) -> None:  # type: ignore[no-untyped-def]
+def _prefill_first_with_one_decoding(latency):  # type: ignore[no-untyped-def]
+    """A vLLM-v0-style replica whose request "a" is decoding."""
     rep = make_replica(
         latency, max_num_batched_tokens=1000, enable_chunked_prefill=False,
         scheduler="prefill_first",
     )  # fmt: skip
     rep.add_request(SimRequest("a", 90, 5))
     rep.update_from_output(rep.schedule())
+    return rep
+
+
+def test_prefill_first_steps_compute_only_prompts_and_stall_the_decodes(latency) -> None:  # type: ignore[no-untyped-def]
+    rep = _prefill_first_with_one_decoding(latency)
     rep.add_request(SimRequest("b", 200, 5))
     rep.add_request(SimRequest("c", 300, 5))
     plan = rep.schedule()  # vLLM v0: the waiting prompts alone, "a" waits a step
@@ -110,12 +116,7 @@ def test_prefill_first_steps_compute_only_prompts_and_stall_the_decodes(latency)
 
 
 def test_a_prompt_that_cannot_be_admitted_does_not_stall_prefill_first_decodes(latency) -> None:  # type: ignore[no-untyped-def]
-    rep = make_replica(
-        latency, max_num_batched_tokens=1000, enable_chunked_prefill=False,
-        scheduler="prefill_first",
-    )  # fmt: skip
-    rep.add_request(SimRequest("a", 90, 5))
-    rep.update_from_output(rep.schedule())
+    rep = _prefill_first_with_one_decoding(latency)
     rep.add_request(SimRequest("huge", 5000, 5))  # over the budget: never admitted
     plan = rep.schedule()
     assert plan.num_scheduled_tokens == {"a": 1}
