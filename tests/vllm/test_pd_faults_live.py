@@ -8,6 +8,7 @@ on either server."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import urllib.request
 from dataclasses import dataclass
@@ -129,3 +130,69 @@ def test_a_live_handoff_ends_whatever_is_down(name: str, http_engines: list[Any]
     # nothing held: neither server runs a request of this case any more
     for engine in (prefill_engine, decode_engine):
         assert _running(engine.endpoint) == 0.0
+
+
+@pytest.mark.slow
+def test_a_decode_server_killed_at_the_handoff_leaves_nothing_behind(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A fresh pair (prefill, decode); the decode server is SIGKILLed the moment the control
+    plane hands the request to it, while the KV moves or its first steps run. The request
+    still ends once: completed on the prefill server if no token had reached the client,
+    else failed naming the dead server; nothing is left running on the prefill server."""
+    from backends.vllm.launcher import launch, stop
+    from tests.vllm.conftest import cluster_config, free_base_port, require_vllm_server
+
+    require_vllm_server()
+    tmp = tmp_path_factory.mktemp("vllm-kill")
+    engines = launch(
+        cluster_config(
+            base_port=free_base_port(2),
+            kv_shared_storage_path=str(tmp / "kv"),
+            log_dir=str(tmp / "logs"),
+        )
+    )
+    try:
+        prefill, decode = (e.instance for e in engines[:2])
+
+        async def main() -> tuple[RequestStatus | None, pd.DataFrame]:
+            backend = HTTPBackend(scrape_interval_s=0.2, health_interval_s=0.2)
+            cp = ControlPlaneManager(
+                backend=backend,
+                pd_config=PDSeparationConfig(enabled=True, prefilling_threshold_input_tokens=256),
+                enable_monitoring=False,
+            )
+            await cp.start()
+            for inst, kind in ((prefill, "prefilling"), (decode, "decoding")):
+                cp.register_instance(
+                    ExecutionInstance(
+                        inst.instance_id, host=inst.host, port=inst.port, instance_type=kind
+                    )
+                )
+            await cp.wait_for_instances()
+            await cp.submit_request(LONG)
+            deadline = asyncio.get_running_loop().time() + 60.0
+            while True:  # until the hand-off is dispatched to the decode server
+                state = cp.core.request_state(LONG.request_id)
+                if state is None or state.decode_instance_id is not None:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "no hand-off in 60 s"
+                await asyncio.sleep(0.001)
+            engines[1].kill(signal.SIGKILL)
+            status = await cp.wait_for_request(LONG.request_id, timeout_s=120)
+            records = cp.get_request_records().set_index("request_id")
+            await cp.stop()
+            return status, records
+
+        status, records = asyncio.run(asyncio.wait_for(main(), 300.0))
+        assert len(records) == 1  # it ended once
+        row = records.loc[LONG.request_id]
+        if status is RequestStatus.COMPLETED:
+            assert row["instance_id"] == prefill.instance_id  # retried where the KV was made
+            assert row["num_output_tokens"] == LONG.max_tokens
+        else:
+            assert status is RequestStatus.FAILED and decode.instance_id in str(row["reason"])
+        assert _running(prefill.endpoint) == 0.0
+        assert engines[1].wait_gone(timeout_s=30) == []
+    finally:
+        stop(engines)
