@@ -167,10 +167,9 @@ def parse_columns(text: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str]) -> pd.DataFrame:
-    args_part, _, overrides = list(argv), None, []
-    if "--" in argv:
-        cut = list(argv).index("--")
-        args_part, overrides = list(argv[:cut]), list(argv[cut + 1 :])
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args_part, overrides = argv[:cut], argv[cut + 1 :]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", type=Path)
     fields = ", ".join(FIELDS)

@@ -67,8 +67,7 @@ def grid(study: DictConfig) -> list[dict[str, str]]:
 
 def loads(study: DictConfig) -> list[float]:
     values = [float(v) for v in study.get("loads") or [1.0]]
-    bad = [v for v in values if not v > 0]
-    if bad:
+    if not all(v > 0 for v in values):
         raise ValueError(f"study.loads={values}: every load must be a rate multiplier > 0")
     return values
 
