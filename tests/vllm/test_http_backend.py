@@ -28,6 +28,17 @@ class EventRecorder:
         self.sink = sink
         self.snapshots: list[InstanceSnapshot] = []
         self.instance_events: list[tuple[str, str]] = []
+        self.after_token_event: Any = None  # called after each first-token or tokens event
+
+    def on_first_token(self, request_id: str, instance_id: str, now: float) -> None:
+        self.sink.on_first_token(request_id, instance_id, now)
+        if self.after_token_event is not None:
+            self.after_token_event()
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self.sink.on_tokens(request_id, instance_id, num_tokens, now)
+        if self.after_token_event is not None:
+            self.after_token_event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sink, name)
@@ -195,19 +206,34 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         first = [
             RequestMetadata(f"fo-{i}", num_prompt_tokens=64, max_tokens=1200) for i in range(9)
         ]
+        killed: list[float] = []
+        most_streaming = [0]
+
+        def kill_when_six_stream() -> None:
+            # checked at every token event, not by polling: a loaded box may read a whole
+            # stream between two polls, and then no poll would see it streaming
+            streaming = _num_streaming(cp, first)
+            most_streaming[0] = max(most_streaming[0], streaming)
+            if streaming >= 6 and not killed:
+                victim.kill(signal.SIGKILL)
+                killed.append(cp._now())  # on the records' clock
+
+        recorder.after_token_event = kill_when_six_stream
         for meta in first:
             await cp.submit_request(meta)
         deadline = asyncio.get_running_loop().time() + 60.0
-        while _num_streaming(cp, first) < 6:  # bounded: a hang here would stall the suite
+        while not killed:  # bounded: a hang here would stall the suite
             if asyncio.get_running_loop().time() > deadline:
-                ended = cp.get_request_records()[["request_id", "status", "reason"]]
+                ended = cp.get_request_records()[
+                    ["request_id", "status", "instance_id", "arrival_time_s", "ttft_ms",
+                     "latency_ms"]
+                ]
                 raise AssertionError(
-                    f"only {_num_streaming(cp, first)} of 9 requests streaming after 60 s; "
+                    f"at most {most_streaming[0]} of 9 requests streamed at once in 60 s; "
                     f"ended: {ended.to_dict('records')}"
                 )
             await asyncio.sleep(0.02)
-        killed_s = cp._now()  # on the records' clock
-        victim.kill(signal.SIGKILL)
+        killed_s = killed[0]
         late = [RequestMetadata(f"late-{i}", num_prompt_tokens=40, max_tokens=20) for i in range(6)]
         for meta in late:  # some may still be routed to the dead engine: they must retry
             await cp.submit_request(meta)
