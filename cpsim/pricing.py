@@ -106,7 +106,7 @@ def latency_for(
     why = "no profile is measured for its model, GPU, TP and PP"
     if run_profile is not None:
         why = f"the run's profile was measured for {misfit(run_profile, instance)}, and {why}"
-    return roofline, f"roofline ({why})"
+    return roofline, f"roofline ({why}; {roofline.calibration_note})"
 
 
 class InstanceLatencyModels:

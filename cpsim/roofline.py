@@ -1,54 +1,83 @@
-"""Roofline step latency: FLOPs and bytes against peak compute and bandwidth, with TP/PP."""
+"""Analytical step latency: FLOPs and bytes against the GPU's achieved compute and bandwidth,
+with TP all-reduces, PP stages and the engine's fixed costs, calibrated on public data."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from cpsim.calibration import (
+    AllReduceCost,
+    Calibration,
+    calibration_for_gpu,
+    load_calibration,
+)
 from cpsim.gpus import GPUSpec, load_gpu_spec
 from cpsim.latency import StepBatch
 from cpsim.models import ModelSpec, load_model_spec
 from cpsim.profiles import predict_from_steps
 from cpsim.protocols import LatencyEstimate
-from cpsim.validation import check_non_negative, check_positive, check_range
+from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceView, RequestView
 
 ACTIVATION_BYTES = 2.0  # bf16 activations on the wire
+FALLBACK_CALIBRATION = "vllm-a100-80gb"  # for a GPU with none of its own: the most measured
+NOMINAL_LINK_LATENCY_S = 10e-6  # an all-reduce or hand-off on a link nothing measured
 
 
 @dataclass(frozen=True, slots=True)
 class StageCost:
-    """One pipeline stage's work for one micro-batch, per GPU, split into its parts (s)."""
+    """One pipeline stage's work for one micro-batch, per GPU, split into its parts (s):
+    the linear layers' compute and memory time (``overlap_exponent`` joins them), attention,
+    TP all-reduces and the fixed per-layer cost."""
 
     compute_s: float
     memory_s: float
+    attention_s: float
     comm_s: float
+    overhead_s: float
+    overlap_exponent: float
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s
+        p = self.overlap_exponent
+        linear: float = (self.compute_s**p + self.memory_s**p) ** (1.0 / p)
+        return linear + self.attention_s + self.comm_s + self.overhead_s
 
     @property
     def is_memory_bound(self) -> bool:
         return self.memory_s >= self.compute_s
 
 
-class RooflineLatencyModel:
-    """Step time from first principles, for hardware without a profile (derived, not measured).
+def nominal_all_reduce(gpu: GPUSpec, tensor_parallel_size: int) -> AllReduceCost:
+    """A ring all-reduce at the link's quoted bandwidth: 2 (tp - 1) / tp of the message
+    crosses each GPU's link one way."""
+    tp = tensor_parallel_size
+    return AllReduceCost(
+        NOMINAL_LINK_LATENCY_S, gpu.link_bytes_s_per_direction * tp / (2.0 * (tp - 1))
+    )
 
-    Per step: linear layers 2 x active params FLOPs per token; attention 4 x layers x hidden
-    FLOPs per (query, key) pair (a prefill chunk of c tokens after p tokens of context: c^2/2
-    + c*p pairs; a decode token: its context); bytes = weights once per step + KV read for
-    the context + KV written for the new tokens. Each GPU holds 1/tp of every layer and 1/pp
-    of the layers; its time is max(compute at ``compute_efficiency`` of peak, bytes at
-    ``bandwidth_efficiency`` of memory bandwidth), plus TP: two ring all-reduces of the
-    activations per layer over the link (one direction), each with ``link_latency_s``.
+
+class RooflineLatencyModel:
+    """Step time from the model's FLOPs and bytes, the GPU's datasheet figures and a
+    calibration fitted on public measurements (cpsim/calibration.py, docs/latency-model.md):
+    for hardware without a profile.
+
+    Per layer and GPU (each holds 1/tp of every layer and 1/pp of the layers): the linear
+    layers' 2 x active params FLOPs per token at the calibrated FLOP fraction, joined with
+    their weight reads at the calibrated bandwidth fraction (a soft max: measured GEMMs bend
+    between compute- and memory-bound); attention as separate kernels, added: a prefill
+    chunk of c tokens after p tokens of context computes 4 x hidden x (c^2/2 + c*p) FLOPs, a
+    decode token reads its context's KV; two all-reduces of the step's activations (measured
+    latency and bandwidth at the group's TP); and the engine's fixed cost per layer, growing
+    with log2(tp). Per step: the engine's fixed cost (prefill or decode) and per sequence.
 
     Pipeline parallelism, as stage-pipelined steps: a step advances every scheduled sequence
     once; its sequences are split into m = min(pp, sequences) micro-batches that follow each
     other through the pp stages, so in steady state a step costs pp stage-times of one
     micro-batch (pp x stage(batch / m)) plus (pp - 1) activation hand-offs on its critical
     path. A lone sequence (m = 1) thus costs the whole model's time; pp micro-batches fill
-    the pipeline. ``overhead_s`` is the per-step CPU cost (scheduling, launches)."""
+    the pipeline."""
 
     def __init__(
         self,
@@ -56,19 +85,14 @@ class RooflineLatencyModel:
         gpu: GPUSpec | str,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
-        compute_efficiency: float = 0.6,
-        bandwidth_efficiency: float = 0.8,
-        overhead_s: float = 0.004,
-        link_latency_s: float = 10e-6,
+        calibration: Calibration | str | None = None,
+        link_latency_s: float = NOMINAL_LINK_LATENCY_S,
         max_num_batched_tokens: int = 8192,
     ) -> None:
         self.model = load_model_spec(model) if isinstance(model, str) else model
         self.gpu = load_gpu_spec(gpu) if isinstance(gpu, str) else gpu
         check_positive("tensor_parallel_size", tensor_parallel_size, integer=True)
         check_positive("pipeline_parallel_size", pipeline_parallel_size, integer=True)
-        check_range("compute_efficiency", compute_efficiency, 0.01, 1.0)
-        check_range("bandwidth_efficiency", bandwidth_efficiency, 0.01, 1.0)
-        check_non_negative("overhead_s", overhead_s)
         check_non_negative("link_latency_s", link_latency_s)
         if pipeline_parallel_size > self.model.num_layers:
             raise ValueError(
@@ -77,50 +101,68 @@ class RooflineLatencyModel:
             )
         self.tensor_parallel_size = tensor_parallel_size
         self.pipeline_parallel_size = pipeline_parallel_size
-        self.compute_efficiency = compute_efficiency
-        self.bandwidth_efficiency = bandwidth_efficiency
-        self.overhead_s = overhead_s
         self.link_latency_s = link_latency_s
         self.max_num_batched_tokens = max_num_batched_tokens
+        if isinstance(calibration, str):
+            calibration = load_calibration(calibration)
+        own = calibration_for_gpu(self.gpu.name) if calibration is None else calibration
+        self.calibration = own or load_calibration(FALLBACK_CALIBRATION)
+        self.calibration_note = (
+            f"calibration {self.calibration.name}"
+            if own is not None
+            else f"no calibration for {self.gpu.name}: {FALLBACK_CALIBRATION}'s fractions and "
+            "fixed costs with its datasheet peak, bandwidth and link"
+        )
+        all_reduce = None if own is None else own.all_reduce_at(tensor_parallel_size)
+        self.all_reduce = all_reduce or nominal_all_reduce(self.gpu, max(2, tensor_parallel_size))
+        # per-GPU rates and per-layer constants, computed once: the simulator prices every step
+        cal, tp = self.calibration, tensor_parallel_size
+        self._flops_s = self.gpu.peak_flops * cal.flop_fraction_at(tp)
+        self._bytes_s = self.gpu.memory_bandwidth_bytes_s * cal.bandwidth_fraction
+        self._layer_overhead_s = cal.layer_s + cal.layer_s_per_tp_doubling * math.log2(tp)
 
     def stage_cost(self, batch: StepBatch, num_micro_batches: int = 1) -> StageCost:
         """Cost of one stage for one of ``num_micro_batches`` equal parts of ``batch``."""
         m = float(num_micro_batches)
         spec, tp, pp = self.model, self.tensor_parallel_size, self.pipeline_parallel_size
+        layers = spec.num_layers / pp
         prefill_tokens = batch.num_prefill_tokens / m
         decode_seqs = batch.num_decode_seqs / m
         tokens = prefill_tokens + decode_seqs
         mean_context = batch.prefill_context_tokens / max(1, batch.num_prefill_seqs)
-        pairs = (
-            batch.sum_sq_prefill_tokens / 2.0 / m
-            + prefill_tokens * mean_context
-            + batch.decode_context_tokens / m
+        pairs = batch.sum_sq_prefill_tokens / 2.0 / m + prefill_tokens * mean_context
+        # per GPU: 1/tp of each layer, 1/pp of the layers
+        linear_flops = 2.0 * spec.active_params * tokens / (tp * pp)
+        attention_flops = 4.0 * layers * spec.hidden_size * pairs / tp
+        working_set_flops = (
+            self.calibration.token_sq_factor * layers * spec.hidden_size * tokens**2 / tp
         )
-        flops = 2.0 * spec.active_params * tokens + 4.0 * spec.num_layers * spec.hidden_size * pairs
+        weight_bytes = spec.weight_bytes / (tp * pp)
         kv_tokens = (batch.decode_context_tokens + batch.prefill_context_tokens) / m + tokens
-        bytes_moved = spec.weight_bytes + spec.kv_bytes_per_token() * kv_tokens
-        gpus = tp * pp
-        gpu = self.gpu
-        compute_s = flops / gpus / (gpu.peak_flops * self.compute_efficiency)
-        memory_s = bytes_moved / gpus / (gpu.memory_bandwidth_bytes_s * self.bandwidth_efficiency)
+        kv_bytes = spec.kv_bytes_per_token() * kv_tokens / (tp * pp)
         comm_s = 0.0
         if tp > 1:
-            layers = spec.num_layers / pp
             message = tokens * spec.hidden_size * ACTIVATION_BYTES
-            per_all_reduce = (
-                2.0 * (tp - 1) / tp * message / gpu.link_bytes_s_per_direction + self.link_latency_s
-            )
-            comm_s = 2.0 * layers * per_all_reduce
-        return StageCost(compute_s, memory_s, comm_s)
+            comm_s = 2.0 * layers * self.all_reduce.time_s(message)
+        return StageCost(
+            compute_s=linear_flops / self._flops_s,
+            memory_s=weight_bytes / self._bytes_s,
+            attention_s=(attention_flops + working_set_flops) / self._flops_s
+            + kv_bytes / self._bytes_s,
+            comm_s=comm_s,
+            overhead_s=layers * self._layer_overhead_s,
+            overlap_exponent=self.calibration.overlap_exponent,
+        )
 
     def step_time_s(self, batch: StepBatch) -> float:
         if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
             return 0.0
-        pp = self.pipeline_parallel_size
+        cal, pp = self.calibration, self.pipeline_parallel_size
         seqs = batch.num_prefill_seqs + batch.num_decode_seqs
         micro = max(1, min(pp, seqs))
         stage = self.stage_cost(batch, micro)
-        time_s = self.overhead_s + pp * stage.time_s
+        fixed_s = cal.prefill_step_s if batch.num_prefill_tokens else cal.decode_step_s
+        time_s = fixed_s + cal.seq_s * seqs + pp * stage.time_s
         if pp > 1:
             tokens = (batch.num_prefill_tokens + batch.num_decode_seqs) / micro
             handoff_bytes = tokens * self.model.hidden_size * ACTIVATION_BYTES
@@ -135,5 +177,6 @@ class RooflineLatencyModel:
     def __repr__(self) -> str:
         return (
             f"RooflineLatencyModel({self.model.name!r}, {self.gpu.name!r}, "
-            f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size})"
+            f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}, "
+            f"calibration={self.calibration.name!r})"
         )

@@ -12,10 +12,10 @@ from cpsim.models import ModelSpec, available_models, load_model_spec
 #: leaves out norms, biases and learned position embeddings (under 0.2% for these models).
 TOLERANCE_FRAC = 0.01
 
-#: Architectures that differ from the default (gated SwiGLU MLP, untied LM head): OPT has a
-#: plain two-matrix MLP and ties its LM head to the embedding. MoE counts include all experts
+#: Architectures that differ from the default (gated SwiGLU MLP, untied LM head): OPT and
+#: BLOOM have a plain two-matrix MLP and tie their LM head to the embedding. MoE counts include all experts
 #: (num_params) or the routed ones (num_active_params); no file has shared experts or MLA.
-PLAIN_MLP_TIED_HEAD = {"opt-13b", "opt-66b"}
+PLAIN_MLP_TIED_HEAD = {"opt-13b", "opt-66b", "bloom-176b"}
 
 
 def count_params(spec: ModelSpec, *, experts: int, plain_mlp: bool, tied_head: bool) -> float:
@@ -46,7 +46,7 @@ MODELS = available_models()
 def test_the_expected_models_ship() -> None:
     expected = {"llama-3-8b", "llama-3-70b", "mixtral-8x7b", "opt-13b", "opt-66b", "tiny-llama",
                 "llama-2-7b", "llama-2-13b", "llama-3.1-405b", "mixtral-8x22b", "qwen2.5-7b",
-                "olmoe-1b-7b"}
+                "olmoe-1b-7b", "llama-2-70b", "bloom-176b"}
     assert expected <= set(MODELS)
 
 

@@ -54,7 +54,7 @@ def test_latency_for_picks_the_groups_then_the_runs_then_a_shipped_profile_then_
     assert isinstance(model, RooflineLatencyModel)
     assert why == (
         "roofline (the run's profile was measured for TP 1, not 3, and no profile is measured "
-        "for its model, GPU, TP and PP)"
+        "for its model, GPU, TP and PP; calibration vllm-a100-80gb)"
     )
     model, why = latency_for(opt13b(2), "vllm-opt-13b-a100-80gb-tp2", run)
     assert model.tensor_parallel_size == 2 and why.endswith("(its group's)")

@@ -29,8 +29,26 @@ PUBLISHED = Path("/work/shared/published_profiles/profiler-a100-80g.vllm.json")
 
 def instance_view(num_running: int = 0, pending: int = 0) -> InstanceView:
     return InstanceView(
-        "i0", "m", ExecutionInstanceType.GENERAL, True, num_running, pending, 256, num_running,
-        0, 0.1, 1, 1, 1, 1, 1, "A100-80GB", 80.0, 2.0, None, None,
+        "i0",
+        "m",
+        ExecutionInstanceType.GENERAL,
+        True,
+        num_running,
+        pending,
+        256,
+        num_running,
+        0,
+        0.1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        "A100-80GB",
+        80.0,
+        2.0,
+        None,
+        None,
     )
 
 
@@ -82,8 +100,11 @@ def test_published_mapping_reproduces_the_published_formula(  # type: ignore[no-
         expected_ms = a + b * sum(prompts) + c * sum(p * p for p in prompts)
         batch = StepBatch(sum(prompts), sum(p * p for p in prompts), 0, len(prompts))
     else:
-        key = "decoding_smallbs" if num_seqs < raw["decoding_large_small_bs_threshold"] else (
-            "decoding_largebs")
+        key = (
+            "decoding_smallbs"
+            if num_seqs < raw["decoding_large_small_bs_threshold"]
+            else ("decoding_largebs")
+        )
         a, b, c = raw[key]
         expected_ms = a + b * context + c * num_seqs
         batch = StepBatch(num_decode_seqs=num_seqs, decode_context_tokens=context)
@@ -141,8 +162,10 @@ def test_linear_decode_form_matches_per_step_prices(
         assert first + increment * i == pytest.approx(model.step_time_s(batch), rel=1e-12)
     contexts = np.array([100, 200, 300])
     assert model.decode_step_times_s(seqs, contexts).tolist() == pytest.approx(
-        [model.step_time_s(StepBatch(num_decode_seqs=seqs, decode_context_tokens=c))
-         for c in (100, 200, 300)]
+        [
+            model.step_time_s(StepBatch(num_decode_seqs=seqs, decode_context_tokens=c))
+            for c in (100, 200, 300)
+        ]
     )
 
 
@@ -176,9 +199,9 @@ def test_roofline_tp_splits_work_and_adds_all_reduces() -> None:
 
 
 def test_roofline_pipeline_is_stage_pipelined() -> None:
-    pp1 = RooflineLatencyModel("llama-3-8b", "A100-80GB", overhead_s=0.0, link_latency_s=0.0)
+    pp1 = RooflineLatencyModel("llama-3-8b", "A100-80GB", link_latency_s=0.0)
     pp2 = RooflineLatencyModel(
-        "llama-3-8b", "A100-80GB", pipeline_parallel_size=2, overhead_s=0.0, link_latency_s=0.0
+        "llama-3-8b", "A100-80GB", pipeline_parallel_size=2, link_latency_s=0.0
     )
     lone = StepBatch(2000, 2000**2, 0, 1)
     # one sequence cannot be split: it crosses both stages, the whole model's work, in sequence
@@ -187,7 +210,8 @@ def test_roofline_pipeline_is_stage_pipelined() -> None:
     # many sequences: two micro-batches, each stage-time a half batch on half the layers
     batch = StepBatch(num_decode_seqs=64, decode_context_tokens=64 * 1000)
     stage = pp2.stage_cost(batch, 2)
-    expected = 2 * stage.time_s + 32 * 4096 * 2 / pp2.gpu.link_bytes_s_per_direction
+    fixed = pp2.calibration.decode_step_s + 64 * pp2.calibration.seq_s  # once per step
+    expected = fixed + 2 * stage.time_s + 32 * 4096 * 2 / pp2.gpu.link_bytes_s_per_direction
     assert pp2.step_time_s(batch) == pytest.approx(expected, rel=1e-9)
 
 

@@ -1,0 +1,124 @@
+"""Fitted coefficients of the analytical step model, per engine and GPU type.
+
+Each file under ``cpsim/data/calibrations/`` is written by ``python -m
+experiments.fit_latency_model`` from public measurements (``data/published/``): the GPU's
+achieved HBM bandwidth from per-operator kernel timings, its all-reduce latency and
+bandwidth by TP from collective timings, and the engine's achieved FLOP fraction and fixed
+costs (per step, per layer, per sequence) from whole-step timings of a real engine. The
+file says where each number comes from and how far the fit is from the data it held out
+(``docs/latency-model.md``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from cpsim.datafiles import data_names, from_known_keys, read_data
+from cpsim.validation import check_non_negative, check_positive, check_range
+
+
+@dataclass(frozen=True, slots=True)
+class AllReduceCost:
+    """One all-reduce among ``tp`` GPUs: ``latency_s`` + bytes / ``bytes_per_s``."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def time_s(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """How one engine's steps cost on one GPU type, beyond the GPU's datasheet figures.
+
+    - ``bandwidth_fraction``: achieved fraction of HBM bandwidth for weight and KV reads;
+    - ``flop_fraction`` x tp ** -``flop_fraction_tp_exponent``: achieved fraction of peak
+      FLOP/s (smaller per-GPU matrices run less efficiently as TP grows);
+    - ``overlap_exponent`` p: a GEMM's time is (compute^p + memory^p)^(1/p), between their
+      sum (p = 1) and their max (p large), as measured kernels bend between the two;
+    - ``layer_s`` + ``layer_s_per_tp_doubling`` x log2(tp): fixed cost per layer per step
+      (kernel launches, small kernels, synchronisation across the TP group);
+    - ``prefill_step_s`` / ``decode_step_s``: fixed cost per step with / without prefill
+      tokens (scheduling, input preparation, sampling launch); ``seq_s`` per sequence;
+    - ``token_sq_factor``: a step's working set outgrowing on-chip caches, priced as
+      ``token_sq_factor`` x hidden x tokens^2 FLOPs per layer and GPU;
+    - ``all_reduce``: measured all-reduce cost by TP degree on the GPU's interconnect."""
+
+    name: str
+    gpu: str
+    engine: str
+    bandwidth_fraction: float
+    flop_fraction: float
+    flop_fraction_tp_exponent: float
+    overlap_exponent: float
+    layer_s: float
+    layer_s_per_tp_doubling: float
+    prefill_step_s: float
+    decode_step_s: float
+    seq_s: float
+    token_sq_factor: float
+    all_reduce: dict[int, AllReduceCost] = field(default_factory=dict)
+    applies_to: tuple[str, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        check_range("bandwidth_fraction", self.bandwidth_fraction, 0.01, 1.0)
+        check_range("flop_fraction", self.flop_fraction, 0.01, 1.0)
+        check_range("overlap_exponent", self.overlap_exponent, 1.0, 100.0)
+        for f in (
+            "layer_s",
+            "prefill_step_s",
+            "decode_step_s",
+            "seq_s",
+            "token_sq_factor",
+            "flop_fraction_tp_exponent",
+            "layer_s_per_tp_doubling",
+        ):
+            check_non_negative(f, getattr(self, f))
+        for tp in self.all_reduce:
+            check_positive("all_reduce TP degree", tp, integer=True)
+
+    def flop_fraction_at(self, tensor_parallel_size: int) -> float:
+        scale: float = float(tensor_parallel_size) ** -self.flop_fraction_tp_exponent
+        return self.flop_fraction * scale
+
+    def all_reduce_at(self, tensor_parallel_size: int) -> AllReduceCost | None:
+        """The measured cost at this TP, else at the nearest larger measured TP (a superset of
+        the group's hops), else at the largest measured; None when nothing is measured."""
+        if not self.all_reduce:
+            return None
+        larger = [tp for tp in self.all_reduce if tp >= tensor_parallel_size]
+        return self.all_reduce[min(larger) if larger else max(self.all_reduce)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        data = dict(data)
+        data.pop("fit", None)  # the fit's own record (data used, held-out errors): for people
+        data["all_reduce"] = {
+            int(tp): AllReduceCost(float(v["latency_s"]), float(v["bytes_per_s"]))
+            for tp, v in (data.get("all_reduce") or {}).items()
+        }
+        data["applies_to"] = tuple(data.get("applies_to") or ())
+        return from_known_keys(cls, data, "calibration")
+
+
+def available_calibrations() -> list[str]:
+    return data_names("calibrations")
+
+
+@cache
+def load_calibration(name: str) -> Calibration:
+    """A shipped calibration by name (``vllm-a100-80gb``), or one from a JSON path."""
+    return Calibration.from_dict(read_data("calibrations", name, "calibration"))
+
+
+def calibration_for_gpu(gpu_name: str) -> Calibration | None:
+    """The shipped calibration measured on this GPU type (or declared to apply to it)."""
+    key = gpu_name.strip().lower()
+    for name in available_calibrations():
+        cal = load_calibration(name)
+        if key == cal.gpu.lower() or key in (g.lower() for g in cal.applies_to):
+            return cal
+    return None
