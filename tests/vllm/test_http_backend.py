@@ -206,7 +206,7 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         first = [
             RequestMetadata(f"fo-{i}", num_prompt_tokens=64, max_tokens=1200) for i in range(9)
         ]
-        killed: list[float] = []
+        killed: list[bool] = []
         most_streaming = [0]
 
         def kill_when_six_stream() -> None:
@@ -216,7 +216,7 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
             most_streaming[0] = max(most_streaming[0], streaming)
             if streaming >= 6 and not killed:
                 victim.kill(signal.SIGKILL)
-                killed.append(cp._now())  # on the records' clock
+                killed.append(True)
 
         recorder.after_token_event = kill_when_six_stream
         for meta in first:
@@ -231,7 +231,6 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
                     f"ended: {ended.to_dict('records')}"
                 )
             await asyncio.sleep(0.02)
-        killed_s = killed[0]
         late = [RequestMetadata(f"late-{i}", num_prompt_tokens=40, max_tokens=20) for i in range(6)]
         for meta in late:  # some may still be routed to the dead engine: they must retry
             await cp.submit_request(meta)
@@ -239,20 +238,20 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         healthy = cp.get_instance_metrics(dead)["is_healthy"], backend.is_healthy(dead)
         records = cp.get_request_records().set_index("request_id")
         await cp.stop()
-        return records, healthy, recorder.instance_events, killed_s
+        return records, healthy, recorder.instance_events
 
     # bounded as a whole: a stuck await fails the test instead of stalling CI
-    records, healthy, instance_events, killed_s = asyncio.run(asyncio.wait_for(main(), 300.0))
+    records, healthy, instance_events = asyncio.run(asyncio.wait_for(main(), 300.0))
     assert healthy == (False, False)
     assert ("failed", dead) in instance_events and ("failed", alive) not in instance_events
     assert len(records) == 15  # nothing lost, nothing doubled
     for rid, row in records.iterrows():
         if row["status"] == "COMPLETED":
-            # finished on the survivor, or on the victim before it died (a fast engine streams
-            # 1200 tokens in about a second; its last chunk may be read just after the kill)
-            before_kill = row["finish_time_s"] <= killed_s + 0.1
-            assert row["instance_id"] == alive or before_kill, rid
-            assert row["num_output_tokens"] in (1200, 20)
+            # on the survivor, or on the victim when the victim sent the whole stream before
+            # it died: a fast engine streams 1200 tokens in about a second, and a loaded client
+            # may read the last of them (and the server's usage) after the kill
+            assert row["num_output_tokens"] in (1200, 20), rid
+            assert row["usage_completion_tokens"] == row["num_output_tokens"], rid
         else:
             assert row["status"] == "FAILED", rid
             assert dead in row["reason"], (rid, row["reason"])

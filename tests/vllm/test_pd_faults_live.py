@@ -26,9 +26,9 @@ from cpsim.types import ExecutionInstance, PDSeparationConfig, RequestMetadata, 
 pytestmark = pytest.mark.vllm
 
 LONG = RequestMetadata("long", num_prompt_tokens=700, max_tokens=24)  # disaggregated
-# holds the only decode slot far longer than the hand-off may wait (the context is 2048 tokens;
-# CI's engine streamed 1500 tokens in under 2 s)
-HOG = RequestMetadata("hog", num_prompt_tokens=60, max_tokens=1900)
+# holds the only decode slot as long as the 2048-token context allows (CI's engine streamed
+# 1500 tokens in under 2 s): LONG's prefill must end while it still streams
+HOG = RequestMetadata("hog", num_prompt_tokens=40, max_tokens=2000)
 
 
 @dataclass
@@ -107,7 +107,8 @@ def test_a_live_handoff_ends_whatever_is_down(name: str, http_engines: list[Any]
         if hog:
             await cp.submit_request(HOG)
             ids.append(HOG.request_id)
-            await asyncio.sleep(0.1)  # the hog holds the only decode slot from now on
+            while cp.core.request_state(HOG.request_id).first_token_s is None:
+                await asyncio.sleep(0.01)  # the hog holds the only decode slot from now on
         await cp.submit_request(LONG)
         ids.append(LONG.request_id)
         statuses = {r: await cp.wait_for_request(r, timeout_s=120) for r in ids}
@@ -116,7 +117,8 @@ def test_a_live_handoff_ends_whatever_is_down(name: str, http_engines: list[Any]
         return statuses, records
 
     statuses, records = asyncio.run(main())
-    assert statuses[LONG.request_id] is case.status, records.loc[LONG.request_id, "reason"]
+    times = ["status", "reason", "arrival_time_s", "prefill_first_token_time_s", "finish_time_s"]
+    assert statuses[LONG.request_id] is case.status, records[times].to_dict("index")
     assert len(records) == len(statuses)  # each request ended once
     row = records.loc[LONG.request_id]
     if case.where is not None:
