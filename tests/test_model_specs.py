@@ -13,8 +13,9 @@ from cpsim.models import ModelSpec, available_models, load_model_spec
 TOLERANCE_FRAC = 0.01
 
 #: Architectures that differ from the default (gated SwiGLU MLP, untied LM head): OPT and
-#: BLOOM have a plain two-matrix MLP and tie their LM head to the embedding. MoE counts include all experts
-#: (num_params) or the routed ones (num_active_params); no file has shared experts or MLA.
+#: BLOOM have a plain two-matrix MLP and tie their LM head to the embedding. MoE counts
+#: include all experts (num_params) or the routed ones (num_active_params); no file has
+#: shared experts or MLA.
 PLAIN_MLP_TIED_HEAD = {"opt-13b", "opt-66b", "bloom-176b"}
 
 
