@@ -18,7 +18,7 @@ from cpsim.instances import InstanceState
 from cpsim.latency import ObservedLatencyModel
 from cpsim.metrics import MetricsCollector
 from cpsim.outliers import OutlierConfig
-from cpsim.protocols import LatencyModel, PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import AdmissionPolicy, LatencyModel, PDPolicy, Router, SchedulingPolicy
 from cpsim.requests import RequestState
 from cpsim.types import (
     ExecutionInstance,
@@ -137,10 +137,13 @@ class ControlPlane:
         config: ControlPlaneConfig | None = None,
         metrics: MetricsCollector | None = None,
         latency_model: LatencyModel | None = None,
+        quotas: AdmissionPolicy | None = None,
     ) -> None:
         self.policy = policy
         self.router = router
         self.pd_policy = pd_policy
+        #: Admission and dispatch limits per user and tenant (policies/quotas.py); None: none.
+        self.quotas = quotas
         self.config = config or ControlPlaneConfig()
         self.metrics = metrics or MetricsCollector(max_records=self.config.max_records)
         #: Predicts the TPOT a new decode would get, for decode targets (``_within_targets``).
@@ -251,6 +254,11 @@ class ControlPlane:
             reason = f"queue full: {len(self._queue)} queued, max_queue_len={limit}"
             self._terminate(req, RequestStatus.REJECTED, now, reason)
             return new_namedtuple(Admission, (False, reason))
+        if self.quotas is not None:
+            refused = self.quotas.admit(req.view, now)
+            if refused is not None:
+                self._terminate(req, RequestStatus.REJECTED, now, refused)
+                return new_namedtuple(Admission, (False, refused))
         self._requests[rid] = req
         req.status = _QUEUED
         self._queue.append(req)
@@ -468,15 +476,20 @@ class ControlPlane:
     def _dispatch_queue(
         self, views: dict[str, InstanceView], now: float, out: list[Dispatch]
     ) -> None:
-        policy, router, requests = self.policy, self.router, self._requests
+        policy, router, requests, quotas = self.policy, self.router, self._requests, self.quotas
         ordered = policy.order([req.view for req in self._queue], list(views.values()), now)
         placed: set[str] = set()
         rejected: list[tuple[RequestState, str]] = []
         for rview in ordered:
             if not self._open:
                 break
-            self._fresh_views()  # the instance of the last placement: the next one must see it
             req = requests[rview.request_id]
+            if quotas is not None:
+                held = quotas.hold(rview, now)
+                if held is not None:
+                    req.held_reason = held
+                    continue
+            self._fresh_views()  # the instance of the last placement: the next one must see it
             phase = self._phase_for(rview, views, now)
             avoid = req.failed_on
             cands = self._candidates(rview, phase, views, avoid)
@@ -502,6 +515,8 @@ class ControlPlane:
             assert iid is not None
             req.predicted_cost_usd = placement.predicted_cost_usd
             req.policy_used = placement.policy or policy.name
+            if quotas is not None:
+                quotas.on_dispatch(rview, now)
             placed.add(rview.request_id)
             self._assign(req, iid, phase, now)
             if phase is _PREFILL:
@@ -745,7 +760,10 @@ class ControlPlane:
         expired = [r for r in self._queue if now - r.view.arrival_s > timeout]
         for req in expired:
             self._remove_queued(req)
-            self._terminate(req, RequestStatus.FAILED, now, f"queued longer than {timeout} s")
+            reason = f"queued longer than {timeout} s"
+            if req.held_reason:
+                reason += f", held by its quota: {req.held_reason}"
+            self._terminate(req, RequestStatus.FAILED, now, reason)
         if self._handoffs:
             self._expire_handoffs(now, timeout)
 
@@ -767,6 +785,14 @@ class ControlPlane:
                 f"prefilled on {source}, but no decode instance took it within {timeout} s",
             )
 
+    def next_wakeup_s(self) -> float | None:
+        """When a dispatch pass could place something that the last one held back for a
+        reason only time lifts (a quota's rate limit); None: nothing such is waiting.
+        Drivers that dispatch only on events wake up then."""
+        if self.quotas is None or not self._queue:
+            return None
+        return self.quotas.next_release_s()
+
     def take_aborts(self) -> list[Abort]:
         """Aborts the core decided on its own since the last call (an expired hand-off);
         a driver carries them out after each ``dispatch``."""
@@ -783,6 +809,8 @@ class ControlPlane:
         req.reason = reason
         if req.is_budgeted_retry:
             self._num_retrying -= 1
+        if self.quotas is not None:
+            self.quotas.on_end(req.view.request_id)
         self._requests.pop(req.view.request_id, None)
         slo_met = self.metrics.on_terminal(req, self._instances)
         if status is _COMPLETED:

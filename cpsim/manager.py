@@ -18,7 +18,7 @@ import pandas as pd
 
 from cpsim.backend import Backend, ControlPlaneEvents
 from cpsim.core import ControlPlane, ControlPlaneConfig, Dispatch
-from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import AdmissionPolicy, PDPolicy, Router, SchedulingPolicy
 from cpsim.requests import RequestState
 from cpsim.types import (
     ExecutionInstance,
@@ -128,6 +128,7 @@ class ControlPlaneManager:
 
     Runs in wall time on the current asyncio loop. ``backend`` executes dispatches: the
     default simulates vLLM replicas in wall time so the API works with no engine.
+    ``quotas``: per-user and per-tenant limits (``policies.quotas.Quotas``); None: none.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class ControlPlaneManager:
         backend: Backend | None = None,
         config: ControlPlaneConfig | None = None,
         monitoring_interval_s: float = 10.0,
+        quotas: AdmissionPolicy | None = None,
     ) -> None:
         check_positive("monitoring_interval_s", monitoring_interval_s)
         if enable_pd_separation and pd_config is None:
@@ -153,7 +155,11 @@ class ControlPlaneManager:
         self.router = RouterSwitch(routing_strategy)
         pd_policy = make_pd_policy(self.pd_config) if enable_pd_separation else None
         self.core = ControlPlane(
-            make_scheduling_policy(scheduling_policy), self.router, pd_policy, config
+            make_scheduling_policy(scheduling_policy),
+            self.router,
+            pd_policy,
+            config,
+            quotas=quotas,
         )
         self.core.terminal_listeners.append(self._on_terminal)
         self.events = ControlPlaneEvents(self.core, lambda _now: self._pump())  # its own clock

@@ -90,3 +90,25 @@ class PDPolicy(Protocol):
     def disaggregate(
         self, request: RequestView, instances: Sequence[InstanceView], now: float
     ) -> bool: ...
+
+
+@runtime_checkable
+class AdmissionPolicy(Protocol):
+    """Decides whether a request may enter the queue and when a queued one may be dispatched
+    (quotas, rate limits). ``admit``: None to queue it, else the reason it is rejected;
+    ``hold``: None when it may be dispatched now, else why it waits; ``on_dispatch`` /
+    ``on_end``: it was placed / reached its terminal state; ``next_release_s``: when a held
+    request could next go (None: when something ends), for drivers to wake up then."""
+
+    @property
+    def name(self) -> str: ...
+
+    def admit(self, request: RequestView, now: float) -> str | None: ...
+
+    def hold(self, request: RequestView, now: float) -> str | None: ...
+
+    def on_dispatch(self, request: RequestView, now: float) -> None: ...
+
+    def on_end(self, request_id: str) -> None: ...
+
+    def next_release_s(self) -> float | None: ...

@@ -20,6 +20,7 @@ class RequestState:
         "finish_s",
         "first_token_s",
         "handoff_s",
+        "held_reason",
         "instance_id",
         "is_budgeted_retry",
         "last_token_s",
@@ -61,6 +62,7 @@ class RequestState:
         self.extras: dict[str, float] = {}
         self.failed_on: tuple[str, ...] = ()  # instances that failed it (a retry avoids them)
         self.is_budgeted_retry = False  # counted in the core's retry budget
+        self.held_reason = ""  # why its quota last held it in the queue ("" never held)
 
     @property
     def request_id(self) -> str:

@@ -168,6 +168,7 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         pd_policy=pd_policy,
         config=config,
         metrics=MetricsCollector(max_records=config.max_records, ttft_at=cfg.metrics.ttft_at),
+        quotas=instantiate(cfg.quotas) if cfg.get("quotas") else None,
     )
     sim = ClusterSimulation(
         replicas,

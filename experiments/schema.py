@@ -87,6 +87,7 @@ class RunSchema:
     backend: Any = None
     parallelism: Any = None
     search: Any = None
+    quotas: Any = None
     objective: ObjectiveSchema | None = None
     faults: list[Any] = field(default_factory=list)
 
@@ -114,5 +115,6 @@ def register_serve() -> None:
         cluster: Any = None
         profile: Any = None
         backend: Any = None
+        quotas: Any = None
 
     ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

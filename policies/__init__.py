@@ -23,6 +23,7 @@ from policies.routing.round_robin import RoundRobinRouter
 from policies.routing.weighted_round_robin import WeightedRoundRobinRouter
 from policies.scheduling.adaptive import AdaptivePolicy
 from policies.scheduling.cost_optimized import CostOptimizedPolicy
+from policies.scheduling.fair_share import FairSharePolicy
 from policies.scheduling.fifo import FIFOPolicy
 from policies.scheduling.priority import PriorityPolicy
 from policies.scheduling.slo_aware import SLOAwarePolicy
@@ -33,6 +34,7 @@ SCHEDULING_POLICIES: dict[str, type[SchedulingPolicy]] = {
     "slo_aware": SLOAwarePolicy,
     "cost_optimized": CostOptimizedPolicy,
     "adaptive": AdaptivePolicy,
+    "fair_share": FairSharePolicy,
 }
 ROUTERS: dict[str, type[Router]] = {
     "round_robin": RoundRobinRouter,

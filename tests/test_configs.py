@@ -19,7 +19,7 @@ from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
 from cpsim.parallelism import GPUBudget
 from cpsim.profiles import load_profile
-from cpsim.protocols import PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import AdmissionPolicy, PDPolicy, Router, SchedulingPolicy
 from cpsim.types import RequestMetadata
 from cpsim.workload import Workload, default_trace_dir
 from experiments.build import build_instances, build_replicas, build_run
@@ -27,7 +27,17 @@ from experiments.schema import register
 from experiments.study import grid, overrides_for
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("policy", "router", "pd", "cluster", "workload", "profile", "study", "parallelism")
+GROUPS = (
+    "policy",
+    "router",
+    "pd",
+    "cluster",
+    "workload",
+    "profile",
+    "study",
+    "parallelism",
+    "quotas",
+)
 #: Groups the live manager uses, not the simulation config: each option is checked on its own.
 STANDALONE = ("backend",)
 #: Folders of other primary configs (conf/serve/config.yaml: ``cpsim serve``), tested below.
@@ -170,6 +180,8 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
         assert load_model_spec(short).name == obj.model
     elif group == "parallelism":
         _check_strategy(obj, option)
+    elif group == "quotas":
+        assert isinstance(obj, AdmissionPolicy)
 
 
 @pytest.mark.parametrize(("group", "option"), CASES)
@@ -180,7 +192,7 @@ def test_every_option_composes_and_instantiates(group: str, option: str) -> None
     cfg = compose_config(overrides)
     assert cfg[group] is not None
     _check_object(group, option, cfg)
-    if group in ("policy", "router", "pd"):  # the whole run builds (nothing runs)
+    if group in ("policy", "router", "pd", "quotas"):  # the whole run builds (nothing runs)
         setup = build_run(cfg)
         assert len(setup.simulation.procs) == 4
 
@@ -279,7 +291,10 @@ def test_cpsim_serve_builds_the_configured_gateway() -> None:
     assert engines == []
     manager = gateway.manager
     assert [i.instance_id for i in manager.get_instances()] == [
-        "ondemand-0", "ondemand-1", "spot-0", "spot-1"
+        "ondemand-0",
+        "ondemand-1",
+        "spot-0",
+        "spot-1",
     ]
     assert manager.router.routing_strategy == "power_of_two"
     assert manager.core.policy.name == "priority"

@@ -176,6 +176,7 @@ class ClusterSimulation:
             fresh = dataclasses.replace(spec.instance, is_healthy=True, current_load=0.0)
             self.cp.add_instance(fresh, 0.0)
         self._arrivals_done = False
+        self._wake_s: float | None = None  # a wake-up due for what a quota holds
         self._done = self.env.event()
         self.cp.terminal_listeners.append(self._on_terminal)
 
@@ -289,6 +290,17 @@ class ClusterSimulation:
         for abort in self.cp.take_aborts():  # an expired hand-off: the prefill KV goes
             if not self.procs[abort.instance_id].abort(abort.request_id):
                 self.transfers.cancel(abort.request_id)
+        due = self.cp.next_wakeup_s()
+        if due is not None and due > now and (self._wake_s is None or due < self._wake_s):
+            # a quota holds a request until ``due``: dispatch again then, not at the next event
+            self._wake_s = due
+            self.clock.call_later(due - now, self._on_wake)
+
+    def _on_wake(self, _event: Any) -> None:
+        now = self.clock.now()
+        if self._wake_s is not None and now >= self._wake_s:
+            self._wake_s = None
+        self._dispatch(now)
 
     def link_break(
         self, source: str | None, target: str, now: float, transfer_s: float

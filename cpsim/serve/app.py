@@ -115,6 +115,8 @@ _HTTP_STATUS = re.compile(r"HTTP (4\d\d)\b")
 def _failure_error(status: RequestStatus, reason: str) -> ApiError:
     """The error a client gets for a request that ended before its first token."""
     category = reason_category(status, reason)
+    if status is RequestStatus.REJECTED and category == "quota":  # the client's to slow down
+        return ApiError(429, reason, code="quota_exceeded", type_="rate_limit_error")
     if status is RequestStatus.REJECTED:
         return ApiError(503, f"rejected: {reason}", code=category, type_="server_error")
     if status is RequestStatus.CANCELLED:

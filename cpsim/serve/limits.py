@@ -10,59 +10,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from cpsim.validation import check_positive
+from cpsim.limits import Limit, TokenBucket
 
-
-@dataclass(frozen=True)
-class Limit:
-    """Limits of one principal (a key, a user); None: no limit. ``burst_s``: how many
-    seconds of the rate a bucket holds when full."""
-
-    requests_per_s: float | None = None
-    tokens_per_min: float | None = None
-    max_concurrent: int | None = None
-    burst_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.requests_per_s is not None:
-            check_positive("requests_per_s", self.requests_per_s)
-        if self.tokens_per_min is not None:
-            check_positive("tokens_per_min", self.tokens_per_min)
-        if self.max_concurrent is not None:
-            check_positive("max_concurrent", self.max_concurrent, integer=True)
-        check_positive("burst_s", self.burst_s)
-
-    @property
-    def is_set(self) -> bool:
-        return not (
-            self.requests_per_s is None
-            and self.tokens_per_min is None
-            and self.max_concurrent is None
-        )
-
-
-class TokenBucket:
-    """``rate`` units a second, holding at most ``capacity``; full at the start."""
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.level = capacity
-        self.updated = now
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def wait_s(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` can be taken (0: now)."""
-        self._refill(now)
-        return max(0.0, (amount - self.level) / self.rate)
-
-    def take(self, amount: float) -> None:
-        self.level -= amount
+__all__ = ["Limit", "Limiter", "Refused", "TokenBucket"]
 
 
 class Refused(Exception):
@@ -80,18 +31,8 @@ class Refused(Exception):
 
 class _Principal:
     def __init__(self, limit: Limit, now: float) -> None:
-        self.requests = (
-            None
-            if limit.requests_per_s is None
-            else TokenBucket(
-                limit.requests_per_s, max(1.0, limit.requests_per_s * limit.burst_s), now
-            )
-        )
-        self.tokens = (
-            None
-            if limit.tokens_per_min is None
-            else TokenBucket(limit.tokens_per_min / 60.0, limit.tokens_per_min, now)
-        )
+        self.requests = limit.request_bucket(now)
+        self.tokens = limit.token_bucket(now)
         self.in_flight = 0
 
 

@@ -34,6 +34,8 @@ def reason_category(status: RequestStatus, reason: str) -> str:
     if status is RequestStatus.CANCELLED:
         return reason if reason in ("client_disconnect", "shutdown") else "cancelled"
     if status is RequestStatus.REJECTED:
+        if reason.startswith("rejected by quota"):
+            return "quota"
         return "queue_full" if reason.startswith("queue full") else "policy"
     if reason.startswith("queued longer than"):
         return "queue_timeout"

@@ -224,3 +224,17 @@ def drive() -> Callable[..., pd.DataFrame]:
 @pytest.fixture
 def from_yaml() -> Callable[[Path], tuple[Any, type, dict[str, Any]]]:
     return build_from_yaml
+
+
+@pytest.fixture
+def flood() -> Callable[..., tuple[pd.DataFrame, list[tuple[float, RequestMetadata]]]]:
+    """Runs experiments.fairness's flood (a user at 40 req/s beside one at 1 req/s) through
+    the simulation composed from conf/ with the given overrides; returns the records and
+    what was sent."""
+    from experiments.fairness import flood_requests, simulate_flood
+
+    def run(*overrides: str) -> tuple[pd.DataFrame, list[tuple[float, RequestMetadata]]]:
+        requests = flood_requests()
+        return simulate_flood(requests, *overrides), requests
+
+    return run

@@ -34,13 +34,14 @@ async def running_gateway(
     config: ControlPlaneConfig | None = None,
     routing_strategy: str = "load_balanced",
     backend: Any = None,
+    quotas: Any = None,
     **settings: Any,
 ) -> AsyncIterator[tuple[Gateway, str]]:
     """The gateway and its base URL; stopped (manager and all) at the end."""
     backend = backend or SimBackend(token_reports="step")
     manager = ControlPlaneManager(
         backend=backend, config=config, routing_strategy=routing_strategy,
-        enable_monitoring=False,
+        enable_monitoring=False, quotas=quotas,
     )
     for instance in instances if instances is not None else sim_instances():
         manager.register_instance(instance)

@@ -187,6 +187,53 @@ def test_api_keys_guard_the_api_and_admin_keys_the_admin_api() -> None:
     run(no_admin())
 
 
+def test_control_plane_quotas_reject_with_429_or_hold_in_the_queue() -> None:
+    """The core's quotas (policies/quotas.py) live: a tenant's users share its rate (over it:
+    429, code quota_exceeded, naming the tenant); a held request waits in the queue for its
+    user's slot and is served once the first request ends."""
+    from policies.quotas import Quotas
+
+    async def reject() -> None:
+        quotas = Quotas(
+            over_limit="reject",
+            per_tenant={"requests_per_s": 1.0},
+            tenants={"acme": ["ann", "bob"]},
+        )
+        async with (
+            running_gateway(quotas=quotas) as (_gw, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as http,
+        ):
+            body = {"model": MODEL, "prompt": "a", "max_tokens": 2, "user": "ann"}
+            assert (await http.post("/v1/completions", json=body)).is_success
+            resp = await http.post("/v1/completions", json=dict(body, user="bob"))
+            assert resp.status_code == 429
+            error = resp.json()["error"]
+            assert error["code"] == "quota_exceeded"
+            assert "tenant 'acme' is over requests_per_s=1.0" in error["message"]
+            assert (await http.post("/v1/completions", json=dict(body, user="cy"))).is_success
+            text = await metrics_text(url)
+            ended = samples(text, "cpsim:requests_total")
+            assert ended[(("reason", "quota"), ("status", "REJECTED"))] == 1.0
+
+    async def hold() -> None:
+        quotas = Quotas(per_user={"max_concurrent": 1})
+        async with (
+            running_gateway(quotas=quotas) as (gw, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as http,
+        ):
+            long = {"model": MODEL, "prompt": "a", "max_tokens": 40, "user": "ann"}
+            both = await asyncio.gather(
+                http.post("/v1/completions", json=long), http.post("/v1/completions", json=long)
+            )
+            assert all(r.is_success for r in both)
+            records = gw.manager.get_request_records().sort_values("dispatch_time_s")
+            first, second = records.iloc[0], records.iloc[1]
+            assert second["dispatch_time_s"] >= first["finish_time_s"]
+
+    run(reject())
+    run(hold())
+
+
 def test_rate_limits_and_quotas_answer_429_with_retry_after() -> None:
     async def main() -> None:
         settings = {
