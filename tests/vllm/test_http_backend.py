@@ -81,9 +81,16 @@ def _server_running(engine: Any) -> float:
     return value
 
 
-def _num_streaming(cp: ControlPlaneManager, metas: list[RequestMetadata]) -> int:
+def _num_streaming(
+    cp: ControlPlaneManager, metas: list[RequestMetadata], on: str | None = None
+) -> int:
+    """Requests of ``metas`` past their first token and not ended (on instance ``on``)."""
     states = [cp.core.request_state(m.request_id) for m in metas]
-    return sum(1 for s in states if s is not None and s.first_token_s is not None)
+    return sum(
+        1
+        for s in states
+        if s is not None and s.first_token_s is not None and on in (None, s.instance_id)
+    )
 
 
 def _manager(**backend_kwargs: Any) -> tuple[ControlPlaneManager, HTTPBackend, EventRecorder]:
@@ -209,16 +216,18 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
         killed: list[bool] = []
         most_streaming = [0]
 
-        def kill_when_six_stream() -> None:
+        def kill_when_three_stream_on_the_victim() -> None:
             # checked at every token event, not by polling: a loaded box may read a whole
-            # stream between two polls, and then no poll would see it streaming
-            streaming = _num_streaming(cp, first)
+            # stream between two polls, and then no poll would see it streaming. Only the
+            # victim's count matters: CI's other engine once started its requests only as
+            # the victim's ended, 5.7 s later
+            streaming = _num_streaming(cp, first, on=dead)
             most_streaming[0] = max(most_streaming[0], streaming)
-            if streaming >= 6 and not killed:
+            if streaming >= 3 and not killed:
                 victim.kill(signal.SIGKILL)
                 killed.append(True)
 
-        recorder.after_token_event = kill_when_six_stream
+        recorder.after_token_event = kill_when_three_stream_on_the_victim
         for meta in first:
             await cp.submit_request(meta)
         deadline = asyncio.get_running_loop().time() + 60.0
@@ -227,7 +236,7 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
                 times = ["arrival_time_s", "ttft_ms", "latency_ms"]
                 ended = cp.get_request_records()[["request_id", "instance_id", *times]]
                 raise AssertionError(
-                    f"at most {most_streaming[0]} of 9 requests streamed at once in 60 s; "
+                    f"at most {most_streaming[0]} requests streamed at once on {dead} in 60 s; "
                     f"ended: {ended.to_dict('records')}"
                 )
             await asyncio.sleep(0.02)
