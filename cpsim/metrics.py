@@ -309,14 +309,22 @@ class MetricsCollector:
         self.store = RecordStore(chunk_rows, spill_dir, max_records)
         self.first_arrival_s: float | None = None
         self.num_arrivals = 0
-        self._instance_spans: dict[str, list[float]] = {}  # id -> [start, end or nan, $/h]
+        self._instance_spans: dict[str, list[float]] = {}  # id -> [start, end or nan, $/h, GPUs]
         self._gpu_util: dict[str, float] = {}
         self._gpu_mem_gb: dict[str, float] = {}
         #: (instance_id, at_s, until_s, reason) of each outlier ejection, in order
         self.ejections: list[tuple[str, float, float, str]] = []
 
     def on_instance_added(self, instance: ExecutionInstance, now: float) -> None:
-        self._instance_spans[instance.instance_id] = [now, _NAN, instance.cost_per_hour]
+        gpus = float(instance.gpu_count or 1)
+        self._instance_spans[instance.instance_id] = [now, _NAN, instance.cost_per_hour, gpus]
+
+    def on_cold_start(self, instance: ExecutionInstance, start_s: float, end_s: float) -> None:
+        """An instance was paid for from ``start_s`` to ``end_s`` before it served (its
+        weights loading, its engine warming up), or while it started and was called off."""
+        key = f"{instance.instance_id}@cold{start_s}"
+        gpus = float(instance.gpu_count or 1)
+        self._instance_spans[key] = [start_s, end_s, instance.cost_per_hour, gpus]
 
     def on_instance_removed(self, instance_id: str, now: float) -> None:
         span = self._instance_spans.get(instance_id)
@@ -391,9 +399,18 @@ class MetricsCollector:
 
     def total_cost_usd(self, now: float) -> float:
         total = 0.0
-        for start, end, rate in self._instance_spans.values():
+        for start, end, rate, _gpus in self._instance_spans.values():
             stop = now if math.isnan(end) else end
             total += max(0.0, stop - start) * rate / 3600.0
+        return total
+
+    def gpu_hours(self, now: float) -> float:
+        """GPU-hours paid for up to ``now``: every instance's GPUs from when it was added (or
+        began its cold start) to when it was removed."""
+        total = 0.0
+        for start, end, _rate, gpus in self._instance_spans.values():
+            stop = now if math.isnan(end) else end
+            total += max(0.0, stop - start) * gpus / 3600.0
         return total
 
     def summary(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from cpsim.views import InstanceView, RequestView
+from cpsim.views import InstanceView, PoolView, RequestView
 
 
 class Placement(NamedTuple):
@@ -112,3 +112,18 @@ class AdmissionPolicy(Protocol):
     def on_end(self, request_id: str) -> None: ...
 
     def next_release_s(self) -> float | None: ...
+
+
+@runtime_checkable
+class Autoscaler(Protocol):
+    """Decides how many instances each pool should have. Every ``interval_s`` the driver
+    shows it each pool and starts (with a cold start) or drains instances to meet the
+    count it returns, within the pool's bounds."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def interval_s(self) -> float: ...
+
+    def target(self, pool: PoolView) -> int: ...

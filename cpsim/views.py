@@ -149,3 +149,41 @@ class InstanceView(NamedTuple):
         if len(kinds) > 1:
             kinds.add(ParallelismType.HYBRID)
         return frozenset(kinds)
+
+
+class PoolView(NamedTuple):
+    """What an autoscaler observes of one pool (a cluster group's instances) at ``time_s``,
+    every ``interval_s``. Rates and the SLO attainment are over the last interval; the
+    SLO attainment is None when no request with an SLO ended in it, ``mean_latency_s`` 0.0
+    when none completed."""
+
+    pool: str
+    time_s: float
+    interval_s: float
+    num_ready: int  # serving
+    num_starting: int  # paid for, cold-starting
+    num_draining: int  # finishing what they hold, taking nothing new
+    min_instances: int
+    max_instances: int
+    max_concurrent_per_instance: int
+    queued: int  # requests waiting in the control plane
+    in_flight: int  # on the pool's serving instances
+    arrivals_per_s: float
+    completions_per_s: float
+    slo_attainment: float | None
+    mean_latency_s: float
+
+    @property
+    def num_provisioned(self) -> int:
+        """Instances serving or on their way (what a new target is compared with)."""
+        return self.num_ready + self.num_starting
+
+    @property
+    def utilization(self) -> float:
+        """Demand over capacity: requests in flight and queued over what the serving
+        instances take at once (inf with none serving and some demand)."""
+        capacity = self.num_ready * self.max_concurrent_per_instance
+        demand = self.in_flight + self.queued
+        if capacity == 0:
+            return float("inf") if demand else 0.0
+        return demand / capacity

@@ -10,6 +10,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from backends.sim.autoscale import Pool
 from backends.sim.cluster import ClusterSimulation, KVLink, ReplicaSpec, RunResult
 from backends.sim.faults import Fault
 from backends.sim.kv_capacity import num_kv_blocks
@@ -38,6 +39,8 @@ GROUP_KEYS = {
     "cost_per_gpu_hour",
     "max_concurrent_requests",
     "profile",
+    "min_count",  # autoscaling bounds of the group's pool (default: count, a fixed pool)
+    "max_count",
 }
 
 
@@ -90,8 +93,9 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                         block_size=replica.get("block_size", 16),
                         enable_prefix_caching=replica.get("enable_prefix_caching", True),
                     ),
-                    # the group's own profile (conf/profile/): prices its replicas
-                    metadata={"profile": group["profile"]} if group.get("profile") else {},
+                    # the group's own profile (conf/profile/): prices its replicas; its pool
+                    metadata={"pool": group["name"]}
+                    | ({"profile": group["profile"]} if group.get("profile") else {}),
                 )
             )
     return out
@@ -145,6 +149,30 @@ def build_replicas(
     return replicas
 
 
+def build_pools(
+    cluster: Mapping[str, Any], replicas: list[ReplicaSpec], pd_enabled: bool
+) -> list[Pool]:
+    """One pool per cluster group, between its ``min_count`` and ``max_count`` (default: its
+    ``count``), its new replicas like its first, serving ``cluster.cold_start_s`` (default
+    60 s) after they are asked for."""
+    groups = cluster["pd_groups"] if pd_enabled else cluster["groups"]
+    cold_start_s = float(cluster.get("cold_start_s", 60.0))
+    pools = []
+    for group in groups:
+        first = next(r for r in replicas if r.instance.metadata.get("pool") == group["name"])
+        count = int(group["count"])
+        pools.append(
+            Pool(
+                name=group["name"],
+                template=first,
+                min_instances=int(group.get("min_count", count)),
+                max_instances=int(group.get("max_count", count)),
+                cold_start_s=cold_start_s,
+            )
+        )
+    return pools
+
+
 def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSetup:
     """Instantiate the policy, router, PD policy, profile, workload and cluster of ``cfg``.
     ``labels`` name the run in tables (default: the group options' class names)."""
@@ -170,6 +198,8 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         metrics=MetricsCollector(max_records=config.max_records, ttft_at=cfg.metrics.ttft_at),
         quotas=instantiate(cfg.quotas) if cfg.get("quotas") else None,
     )
+    autoscaler = instantiate(cfg.autoscaling) if cfg.get("autoscaling") else None
+    pools = build_pools(cluster, replicas, pd_policy is not None) if autoscaler else []
     sim = ClusterSimulation(
         replicas,
         core,
@@ -177,6 +207,8 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         kv_link=KVLink(**_plain(cfg.kv_link)),
         progress=cfg.get("progress"),
         drain_timeout_s=cfg.drain_timeout_s,
+        autoscaler=autoscaler,
+        pools=pools,
     )
     names = dict(labels or {})
     names.setdefault("policy", _short(cfg.policy))

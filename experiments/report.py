@@ -58,6 +58,8 @@ def summary_row(labels: Mapping[str, str], result: RunResult) -> dict[str, objec
         "throughput_tok_s": m.throughput_tokens_per_s,
         "cost_per_1m_tokens_usd": 1e6 * m.cost_per_token,
         "usd_per_hour": result.info.get("usd_per_hour", float("nan")),
+        "gpu_hours": result.info.get("gpu_hours", float("nan")),
+        "total_cost_usd": m.total_cost_usd,
         "gpu_utilization": m.avg_gpu_utilization,
         "sim_time_s": result.sim_time_s,
         "wall_time_s": result.wall_time_s,

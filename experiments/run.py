@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from experiments.autoscaling import print_result, run_autoscaling_study
 from experiments.build import build_run, run_setup
 from experiments.report import LABELS, goodput_by_load, summary_row
 from experiments.schema import register
@@ -43,6 +44,8 @@ def single_run(cfg: DictConfig, out_dir: Path) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.requests.to_parquet(out_dir / "requests.parquet", index=False)
     result.instances.to_parquet(out_dir / "instances.parquet", index=False)
+    if len(result.scaling):  # an autoscaled run: each pool's instances and load per tick
+        result.scaling.to_parquet(out_dir / "scaling.parquet", index=False)
     (out_dir / "summary.json").write_text(json.dumps(row, indent=1, default=str))
     print(json.dumps(row, indent=1, default=str))
     return value
@@ -72,6 +75,12 @@ def study_run(cfg: DictConfig, out_dir: Path) -> float:
 
     def compose(extra: list[str]) -> DictConfig:
         return hydra.compose(config_name="config", overrides=task_overrides + extra)
+
+    if cfg.study.get("kind") == "autoscaling":
+        scaled = run_autoscaling_study(cfg.study, compose, out_dir, cfg.study.get("jobs") or -1)
+        print()
+        print_result(scaled)
+        return float(scaled.summary["slo_compliance"].max())
 
     result = run_study(grid(cfg.study), compose, out_dir, jobs=cfg.study.get("jobs") or -1)
     print()

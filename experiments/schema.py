@@ -88,6 +88,7 @@ class RunSchema:
     parallelism: Any = None
     search: Any = None
     quotas: Any = None
+    autoscaling: Any = None
     objective: ObjectiveSchema | None = None
     faults: list[Any] = field(default_factory=list)
 

@@ -19,9 +19,10 @@ from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
 from cpsim.parallelism import GPUBudget
 from cpsim.profiles import load_profile
-from cpsim.protocols import AdmissionPolicy, PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import AdmissionPolicy, Autoscaler, PDPolicy, Router, SchedulingPolicy
 from cpsim.types import RequestMetadata
 from cpsim.workload import Workload, default_trace_dir
+from experiments.autoscaling import study_runs
 from experiments.build import build_instances, build_replicas, build_run
 from experiments.schema import register
 from experiments.study import grid, overrides_for
@@ -37,6 +38,7 @@ GROUPS = (
     "study",
     "parallelism",
     "quotas",
+    "autoscaling",
 )
 #: Groups the live manager uses, not the simulation config: each option is checked on its own.
 STANDALONE = ("backend",)
@@ -153,6 +155,11 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
                 overrides = [f"cluster={option}", f"profile={matching}", "workload=tiny", pd_option]
                 build_run(compose_config(overrides))
         return
+    if group == "study" and node.get("kind") == "autoscaling":
+        assert set(node.scalers) <= set(options("autoscaling"))
+        for _, overrides in study_runs(node):  # every run builds (nothing runs)
+            build_run(compose_config([f"study={option}", *overrides, "workload=tiny"]))
+        return
     if group == "study":
         runs = grid(node)
         assert runs and len({tuple(sorted(r.items())) for r in runs}) == len(runs)
@@ -182,6 +189,8 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
         _check_strategy(obj, option)
     elif group == "quotas":
         assert isinstance(obj, AdmissionPolicy)
+    elif group == "autoscaling":
+        assert isinstance(obj, Autoscaler)
 
 
 @pytest.mark.parametrize(("group", "option"), CASES)
@@ -192,7 +201,7 @@ def test_every_option_composes_and_instantiates(group: str, option: str) -> None
     cfg = compose_config(overrides)
     assert cfg[group] is not None
     _check_object(group, option, cfg)
-    if group in ("policy", "router", "pd", "quotas"):  # the whole run builds (nothing runs)
+    if group in ("policy", "router", "pd", "quotas", "autoscaling"):  # the run builds
         setup = build_run(cfg)
         assert len(setup.simulation.procs) == 4
 

@@ -13,6 +13,7 @@ import pandas as pd
 import simpy
 from tqdm import tqdm
 
+from backends.sim.autoscale import Pool, PoolScaling
 from backends.sim.faults import Fault
 from backends.sim.handoff import KVTransfers
 from backends.sim.process import ReplicaProcess
@@ -22,6 +23,7 @@ from cpsim.backend import ControlPlaneEvents
 from cpsim.core import ControlPlane, Dispatch
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec
+from cpsim.protocols import Autoscaler
 from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestMetadata
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceSnapshot, Phase
@@ -62,7 +64,9 @@ class RunResult:
     """What a simulation produced: one row per request (``requests``, read on first use, so
     a run whose records were spilled to disk does not hold them all in memory unless
     asked), per-instance time series sampled at each scrape, the summary, and how long it
-    took in virtual and wall seconds."""
+    took in virtual and wall seconds. ``scaling``: the autoscaler's series (a row per pool
+    per tick; empty without one); ``info["gpu_hours"]``: the GPU-hours paid for (cold
+    starts included)."""
 
     load_requests: Callable[[], pd.DataFrame] = field(repr=False)
     instances: pd.DataFrame
@@ -70,6 +74,7 @@ class RunResult:
     sim_time_s: float
     wall_time_s: float
     info: dict[str, Any] = field(default_factory=dict)
+    scaling: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @cached_property
     def requests(self) -> pd.DataFrame:
@@ -132,7 +137,8 @@ class ClusterSimulation:
 
     Engine events reach the control plane at their virtual time and every event that may
     free capacity triggers a dispatch pass; what policies see of the engines is refreshed
-    every ``scrape_interval_s`` (the control plane's own in-flight counts stay exact)."""
+    every ``scrape_interval_s`` (the control plane's own in-flight counts stay exact).
+    ``autoscaler``: sizes ``pools`` (backends/sim/autoscale.py) while the run goes."""
 
     def __init__(
         self,
@@ -144,11 +150,15 @@ class ClusterSimulation:
         progress: bool | None = None,
         drain_timeout_s: float = 3600.0,
         merged_wakeups: bool = True,
+        autoscaler: Autoscaler | None = None,
+        pools: Sequence[Pool] = (),
     ) -> None:
         check_positive("scrape_interval_s", scrape_interval_s)
         check_positive("drain_timeout_s", drain_timeout_s)
         if not replicas:
             raise ValueError("replicas=[] is not allowed; a simulation needs at least one replica")
+        if pools and autoscaler is None:
+            raise ValueError("pools are given but no autoscaler to size them")
         self.env = simpy.Environment()
         # The wake-ups on a compiled heap beside SimPy's queue (``merged_wakeups=False``: on
         # SimPy's own; slower, the same results): the environment runs through ``clock.run``.
@@ -164,21 +174,45 @@ class ClusterSimulation:
         self.transfers = KVTransfers(self.env)
         self.procs: dict[str, ReplicaProcess] = {}
         for spec in replicas:
-            replica = SimReplica(
-                spec.instance.instance_id, spec.config, spec.latency, spec.num_gpu_blocks
-            )
-            proc = ReplicaProcess(self.env, replica, self.events, clock=self.clock)
-            for fault in spec.faults:
-                proc.add_fault(fault)
-            self.procs[spec.instance.instance_id] = proc
-            # a copy: the control plane updates an instance's live fields (health, load),
-            # and the caller's specs must stay reusable for the next run
-            fresh = dataclasses.replace(spec.instance, is_healthy=True, current_load=0.0)
-            self.cp.add_instance(fresh, 0.0)
+            self.add_replica(spec, 0.0)
         self._arrivals_done = False
         self._wake_s: float | None = None  # a wake-up due for what a quota holds
         self._done = self.env.event()
         self.cp.terminal_listeners.append(self._on_terminal)
+        self.scaling = PoolScaling(self, autoscaler, pools) if autoscaler is not None else None
+
+    # ------------------------------------------------------------------ replicas
+    def add_replica(self, spec: ReplicaSpec, now: float) -> None:
+        """Start a replica of ``spec`` and register its instance (it serves from ``now``)."""
+        iid = spec.instance.instance_id
+        if iid in self.procs:
+            raise ValueError(f"instance_id={iid!r} is already a replica of this simulation")
+        replica = SimReplica(iid, spec.config, spec.latency, spec.num_gpu_blocks)
+        proc = ReplicaProcess(self.env, replica, self.events, clock=self.clock)
+        for fault in spec.faults:
+            proc.add_fault(fault)
+        self.specs[iid] = spec
+        self.procs[iid] = proc
+        # a copy: the control plane updates an instance's live fields (health, load), and
+        # the caller's specs must stay reusable for the next run
+        fresh = dataclasses.replace(spec.instance, is_healthy=True, current_load=0.0)
+        self.cp.add_instance(fresh, now)
+        if now > 0.0:
+            self._dispatch(now)  # its capacity may take queued requests at once
+
+    def remove_replica(self, instance_id: str, now: float) -> None:
+        """Unregister a replica that holds nothing (drained) and stop scraping it."""
+        if self.cp.num_on_instance(instance_id):
+            raise ValueError(
+                f"instance {instance_id!r} still holds {self.cp.num_on_instance(instance_id)} "
+                "requests; drain it first"
+            )
+        self.cp.remove_instance(instance_id, now, reason="scaled in")
+        del self.procs[instance_id]
+
+    @property
+    def done(self) -> bool:
+        return bool(self._done.triggered)
 
     # ------------------------------------------------------------------ running
     def run(
@@ -188,10 +222,15 @@ class ClusterSimulation:
         bar = self._bar(total)
         self.env.process(self._first_arrivals(iter(requests), bar))
         self.env.process(self._scrapes())
+        if self.scaling is not None:
+            self.env.process(self.scaling.loop())
         self.clock.run(self._done)
         if bar is not None:
             bar.close()
         end = self.env.now
+        scaling = pd.DataFrame()
+        if self.scaling is not None:
+            scaling = self.scaling.finish(end)
         metrics = self.cp.summary(end)
         return RunResult(
             load_requests=self.cp.metrics.records,
@@ -199,6 +238,8 @@ class ClusterSimulation:
             metrics=metrics,
             sim_time_s=end,
             wall_time_s=time.perf_counter() - wall0,
+            info={"gpu_hours": self.cp.metrics.gpu_hours(end)},
+            scaling=scaling,
         )
 
     def _bar(self, total: int | None) -> Any:
@@ -220,9 +261,13 @@ class ClusterSimulation:
         num_done = 0
         due: RequestMetadata | None = None
 
+        scaling = self.scaling
+
         def admit(meta: RequestMetadata) -> None:
             nonlocal num_done
             now = clock.now()
+            if scaling is not None:
+                scaling.on_arrival()
             cp.on_arrival(meta, now)
             self._dispatch(now)
             num_done += 1

@@ -2,6 +2,7 @@
 
 from cpsim.workload.arrivals import (
     ArrivalProcess,
+    DiurnalArrivals,
     GammaArrivals,
     OnOffArrivals,
     PoissonArrivals,
@@ -32,6 +33,7 @@ from cpsim.workload.workload import SyntheticWorkload, Workload
 __all__ = [
     "TRACE_FORMATS",
     "ArrivalProcess",
+    "DiurnalArrivals",
     "FixedLengths",
     "GammaArrivals",
     "IndependentPairLengths",

@@ -192,3 +192,47 @@ class RampArrivals:
             "end_rate_rps": self.end_rate_rps,
             "ramp_s": self.ramp_s,
         }
+
+
+@dataclass(frozen=True)
+class DiurnalArrivals:
+    """Non-homogeneous Poisson with a daily rhythm: the rate moves as a cosine between
+    ``trough_rps`` (at time 0 and every ``period_s``) and ``peak_rps`` (half a period in), a
+    day compressed into ``period_s``. Exact, by thinning a Poisson stream at the peak rate."""
+
+    trough_rps: float
+    peak_rps: float
+    period_s: float
+
+    def __post_init__(self) -> None:
+        check_non_negative("trough_rps", self.trough_rps)
+        check_positive("peak_rps", self.peak_rps)
+        check_positive("period_s", self.period_s)
+        if self.peak_rps < self.trough_rps:
+            raise ValueError(
+                f"peak_rps={self.peak_rps} is below trough_rps={self.trough_rps}; the peak "
+                "must be the larger"
+            )
+
+    @property
+    def mean_rate_rps(self) -> float:
+        return 0.5 * (self.trough_rps + self.peak_rps)
+
+    def rate_at(self, t_s: float | FloatArray) -> Any:
+        phase = np.cos(2.0 * np.pi * np.asarray(t_s) / self.period_s)
+        return self.trough_rps + (self.peak_rps - self.trough_rps) * 0.5 * (1.0 - phase)
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[FloatArray]:
+        peak = self.peak_rps
+        for times in _renewal_batches(lambda r, n: r.exponential(1.0 / peak, n), rng, batch_size):
+            kept = times[rng.random(times.size) * peak < self.rate_at(times)]
+            if kept.size:
+                yield kept
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "arrival": "diurnal",
+            "trough_rps": self.trough_rps,
+            "peak_rps": self.peak_rps,
+            "period_s": self.period_s,
+        }
