@@ -48,6 +48,7 @@ _COLUMN_KINDS = {
     "predicted_cost_usd": "float",
     "policy": "category",
     "attempts": "int",
+    "model_name": "category",
 }
 RECORD_COLUMNS = tuple(_COLUMN_KINDS)
 #: What ``summarize`` reads: a run's summary never needs the rest.
@@ -390,9 +391,20 @@ class MetricsCollector:
             _NAN if req.predicted_cost_usd is None else req.predicted_cost_usd,
             req.policy_used,
             req.attempts,
+            self._model_of(req, instances),
         )
         self.store.append(row, req.extras)
         return slo_met
+
+    @staticmethod
+    def _model_of(req: RequestState, instances: Mapping[str, InstanceState]) -> str | None:
+        """The model the request asked for, else the model of the instance it ran on."""
+        model = req.view.model_name
+        if model is None and req.instance_id is not None:
+            inst = instances.get(req.instance_id)
+            if inst is not None:
+                model = inst.instance.model_name
+        return model
 
     def records(self) -> pd.DataFrame:
         return self.store.frame()
@@ -422,21 +434,30 @@ class MetricsCollector:
         records: pd.DataFrame | None = None,
     ) -> PerformanceMetrics:
         start = self.first_arrival_s
+        columns = [*SUMMARY_COLUMNS, "model_name", "cost_usd"]
         if records is not None:
             df = records
         elif self.store.num_dropped:  # the window of the rows kept, read with them
-            df = self.store.frame([*SUMMARY_COLUMNS, "arrival_time_s"])
+            df = self.store.frame([*columns, "arrival_time_s"])
             start = float(df["arrival_time_s"].min()) if len(df) else now
         else:
-            df = self.store.frame(list(SUMMARY_COLUMNS))
+            df = self.store.frame(columns)
+        window_s = (now - start) if start is not None else 0.0
+        models: dict[str, PerformanceMetrics] = {}
+        if "model_name" in df and df["model_name"].nunique() > 1:
+            # per model: its requests over the same window, costed by what they were charged
+            for model, rows in df.groupby("model_name", observed=True):
+                cost = float(rows["cost_usd"].sum()) if "cost_usd" in rows else 0.0
+                models[str(model)] = summarize(rows, window_s=window_s, total_cost_usd=cost)
         return summarize(
             df,
-            window_s=(now - start) if start is not None else 0.0,
+            window_s=window_s,
             num_active=num_active,
             num_queued=num_queued,
             gpu_utilization=self._utilization(now, instances),
             used_gpu_memory_gb=sum(self._gpu_mem_gb.get(i, 0.0) for i in instances),
             total_cost_usd=self.total_cost_usd(now),
+            models=models,
         )
 
     def _utilization(self, now: float, instances: Mapping[str, InstanceState]) -> float:
@@ -458,6 +479,7 @@ def summarize(
     gpu_utilization: float = 0.0,
     used_gpu_memory_gb: float = 0.0,
     total_cost_usd: float = 0.0,
+    models: dict[str, PerformanceMetrics] | None = None,
 ) -> PerformanceMetrics:
     """A PerformanceMetrics from per-request records (one row per terminal request)."""
     status = df["status"].astype(str)
@@ -503,4 +525,5 @@ def summarize(
         total_cost_usd=total_cost_usd,
         cost_per_token=total_cost_usd / tokens if tokens else 0.0,
         window_s=window,
+        models=models or {},
     )

@@ -405,6 +405,8 @@ class PerformanceMetrics:
     total_cost_usd: float = 0.0
     cost_per_token: float = 0.0
     window_s: float = 0.0
+    #: The same summary per model, when the requests asked for (or ran on) more than one.
+    models: dict[str, PerformanceMetrics] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -415,4 +417,5 @@ class PerformanceMetrics:
         return self.throughput_requests_per_s
 
     def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The scalar fields (``models`` left out: each of its values has its own)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "models"}

@@ -39,6 +39,7 @@ GROUP_KEYS = {
     "cost_per_gpu_hour",
     "max_concurrent_requests",
     "profile",
+    "model",  # the group's own model (default: the cluster's): several models at once
     "min_count",  # autoscaling bounds of the group's pool (default: count, a fixed pool)
     "max_count",
 }
@@ -76,7 +77,7 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
             out.append(
                 ExecutionInstance(
                     instance_id=f"{group['name']}-{i}",
-                    model_name=cluster["model"],
+                    model_name=group.get("model", cluster["model"]),
                     tensor_parallel_size=group.get("tensor_parallel_size", 1),
                     pipeline_parallel_size=group.get("pipeline_parallel_size", 1),
                     gpu_type=cluster["gpu_type"],
@@ -117,7 +118,6 @@ def build_replicas(
 ) -> list[ReplicaSpec]:
     """One replica per instance, each priced by its group's profile, else the run's
     ``profile`` where it fits, else a shipped profile or the roofline (cpsim.pricing)."""
-    model = load_model_spec(cluster["model"])
     by_instance: dict[str, list[Fault]] = {}
     for f in faults or []:
         f = dict(f)
@@ -126,6 +126,7 @@ def build_replicas(
     utilization = cluster.get("replica", {}).get("gpu_memory_utilization", 0.9)
     scheduler = cluster.get("replica", {}).get("scheduler", "mixed")
     for inst in build_instances(cluster, pd_enabled):
+        model = load_model_spec(inst.model_name)
         config = ReplicaConfig.from_instance(
             inst, gpu_memory_utilization=utilization, scheduler=scheduler
         )

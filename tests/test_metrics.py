@@ -41,6 +41,7 @@ def _row(i: int, slo: float | None = 500, reason: str | None = None) -> tuple[An
         "predicted_cost_usd": math.nan,
         "policy": "fifo",
         "attempts": 1,
+        "model_name": "opt-13b",
     }
     return tuple(values[c] for c in RECORD_COLUMNS)
 
@@ -88,7 +89,7 @@ def test_a_summary_reads_only_the_columns_it_asks_for(tmp_path: Path) -> None:
 
 def test_a_record_of_the_wrong_length_is_refused() -> None:
     store = RecordStore()
-    with pytest.raises(ValueError, match="a record has 3 values; RECORD_COLUMNS has 26"):
+    with pytest.raises(ValueError, match="a record has 3 values; RECORD_COLUMNS has 27"):
         store.append(("a", "b", "c"), {})
     assert len(store) == 0
 
@@ -104,7 +105,7 @@ def _expected(rows: list[tuple[Any, ...]], extras: list[dict[str, float]]) -> pd
     for k, name in enumerate(RECORD_COLUMNS):
         values = [row[k] for row in rows]
         if name in ("user_id", "priority", "status", "reason", "instance_id",
-                    "prefill_instance_id", "decode_instance_id", "policy"):
+                    "prefill_instance_id", "decode_instance_id", "policy", "model_name"):
             data[name] = pd.Series(values, dtype=object).astype("category")
         elif name in ("num_prompt_tokens", "num_output_tokens", "attempts"):
             data[name] = np.array(values, dtype=np.int64)

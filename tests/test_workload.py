@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from cpsim.types import RequestMetadata, RequestPriority
 from cpsim.workload import (
+    DiurnalArrivals,
     FixedLengths,
     GammaArrivals,
     LogNormalLengths,
@@ -130,6 +131,20 @@ def test_ramp_rate_follows_the_ramp(start: float, end: float) -> None:
     assert (np.diff(counts) > 0).all() == (end > start)
 
 
+def test_diurnal_rate_follows_its_day() -> None:
+    arrivals = DiurnalArrivals(trough_rps=1.0, peak_rps=9.0, period_s=600.0)
+    batches = arrivals.batches(np.random.default_rng(0), 4096)
+    times = np.concatenate(list(itertools.islice(batches, 20)))  # 20 x 4096 at 9/s: 9100 s
+    times = times[times < 6000.0]  # ten days
+    assert times.size / 6000.0 == pytest.approx(arrivals.mean_rate_rps, rel=0.02)
+    phase = times % 600.0
+    peak = np.sum(np.abs(phase - 300.0) < 30.0) / (10 * 60.0)  # the minute around each peak
+    trough = np.sum((phase < 30.0) | (phase > 570.0)) / (10 * 60.0)
+    assert 8.5 < peak < 9.1 and 0.9 < trough < 1.6
+    with pytest.raises(ValueError, match=r"peak_rps=1\.0 is below trough_rps=2\.0"):
+        DiurnalArrivals(trough_rps=2.0, peak_rps=1.0, period_s=60.0)
+
+
 def test_ramp_down_to_zero_ends_the_stream() -> None:
     times = _times(RampArrivals(10.0, 0.0, ramp_s=100.0), 10**9)
     assert times.max() < 100.0
@@ -223,6 +238,24 @@ def test_mix_priorities_users_and_slo() -> None:
     assert {(r.model_name, r.cost_budget) for r in reqs} == {("llama-3-8b", 0.5)}
 
 
+def test_a_mix_of_models_draws_each_at_its_share_and_leaves_the_rest_unchanged() -> None:
+    def stream(**mix: Any) -> list[RequestMetadata]:
+        workload = SyntheticWorkload(
+            PoissonArrivals(10.0), FixedLengths(64), UniformLengths(1, 100),
+            RequestMix(priorities={"high": 0.3, "normal": 0.7}, num_users=9, **mix),
+            num_requests=20_000,
+        )  # fmt: skip
+        return [r for _, r in workload.requests(0)]
+
+    mixed = stream(models={"opt-13b": 0.6, "llama-3-8b": 0.4})
+    share = sum(r.model_name == "opt-13b" for r in mixed) / len(mixed)
+    assert share == pytest.approx(0.6, abs=0.01)
+    assert {r.model_name for r in mixed} == {"opt-13b", "llama-3-8b"}
+    # the models are drawn after everything else: users, priorities and times as without
+    plain = stream()
+    assert [(r.user_id, r.priority) for r in mixed] == [(r.user_id, r.priority) for r in plain]
+
+
 def test_fixed_slo_and_no_slo() -> None:
     fixed = SyntheticWorkload(
         PoissonArrivals(1.0),
@@ -293,6 +326,9 @@ def test_estimates() -> None:
         (lambda: RequestMix(priorities={"urgent": 1.0}), "'urgent'"),
         (lambda: RequestMix(user_distribution="pareto"), "user_distribution='pareto'"),
         (lambda: RequestMix(slo_ms=100.0, slo_base_ms=10.0), "slo_ms=100.0"),
+        (lambda: RequestMix(model_name="a", models={"b": 1.0}), "model_name='a' and models"),
+        (lambda: RequestMix(models={"b": -1.0}), "models['b']"),
+        (lambda: RequestMix(models={}), "models={}"),
         (lambda: SyntheticWorkload(PoissonArrivals(1.0), FixedLengths(1)), "output_lengths=None"),
         (
             lambda: SyntheticWorkload(
@@ -345,7 +381,11 @@ def test_requests_built_without_the_checks_equal_checked_ones() -> None:
         PoissonArrivals(10.0), UniformLengths(0, 50), UniformLengths(1, 50), mix,
         num_requests=300, batch_size=64,
     )
-    streams = [synthetic.requests(0), WORKLOADS["ramp"].requests(1)]
+    several = SyntheticWorkload(
+        PoissonArrivals(10.0), UniformLengths(0, 50), UniformLengths(1, 50),
+        RequestMix(models={"a": 1.0, "b": 2.0}), num_requests=300, batch_size=64,
+    )  # fmt: skip
+    streams = [synthetic.requests(0), WORKLOADS["ramp"].requests(1), several.requests(2)]
     trace = resolve_trace_path("mooncake_fast25/conversation_trace.jsonl")
     if trace.is_file():  # prefix blocks from a trace's hash_ids
         streams.append(TraceWorkload(trace, max_requests=300, max_context_tokens=2048).requests(0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,28 @@ class Pool:
                 f"min_instances={self.min_instances}"
             )
         check_non_negative("cold_start_s", self.cold_start_s)
+
+
+@dataclass
+class _Counts:
+    """What happened to requests since the last tick."""
+
+    arrivals: int = 0
+    completed: int = 0
+    latency_s: float = 0.0
+    slo_checked: int = 0
+    slo_met: int = 0
+
+    @staticmethod
+    def total(parts: Iterable[_Counts]) -> _Counts:
+        out = _Counts()
+        for c in parts:
+            out.arrivals += c.arrivals
+            out.completed += c.completed
+            out.latency_s += c.latency_s
+            out.slo_checked += c.slo_checked
+            out.slo_met += c.slo_met
+        return out
 
 
 @dataclass
@@ -94,27 +116,30 @@ class PoolScaling:
             ]
             self.states[pool.name] = _PoolState(pool, members, {}, set(), len(members))
         self.series: dict[str, list[Any]] = {c: [] for c in SERIES_COLUMNS}
-        # what happened since the last tick
-        self._arrivals = 0
-        self._completed = 0
-        self._latency_s = 0.0
-        self._slo_checked = 0
-        self._slo_met = 0
+        # what happened since the last tick, by the model requests asked for (None: any)
+        self._counts: dict[str | None, _Counts] = {}
         sim.cp.terminal_listeners.append(self._on_terminal)
 
     # ------------------------------------------------------------------ driver hooks
-    def on_arrival(self) -> None:
-        self._arrivals += 1
+    def on_arrival(self, model: str | None) -> None:
+        self._count(model).arrivals += 1
+
+    def _count(self, model: str | None) -> _Counts:
+        found = self._counts.get(model)
+        if found is None:
+            found = self._counts[model] = _Counts()
+        return found
 
     def _on_terminal(self, req: RequestState) -> None:
+        counts = self._count(req.view.model_name)
         if req.status is RequestStatus.COMPLETED and req.finish_s is not None:
-            self._completed += 1
-            self._latency_s += req.finish_s - req.view.arrival_s
+            counts.completed += 1
+            counts.latency_s += req.finish_s - req.view.arrival_s
         deadline = req.view.deadline_s()
         if deadline is not None and req.status is not RequestStatus.CANCELLED:
-            self._slo_checked += 1
+            counts.slo_checked += 1
             met = req.status is RequestStatus.COMPLETED and (req.finish_s or math.inf) <= deadline
-            self._slo_met += int(met)
+            counts.slo_met += int(met)
         if any(s.draining for s in self.states.values()):
             # unregister drained instances after this event, not inside the core's call
             self.sim.clock.call_later(0.0, lambda _e: self._release_drained(self.sim.env.now))
@@ -131,27 +156,23 @@ class PoolScaling:
     # ------------------------------------------------------------------ one tick
     def tick(self, now: float, interval_s: float) -> None:
         self._release_drained(now)
-        slo = self._slo_met / self._slo_checked if self._slo_checked else None
-        mean_latency = self._latency_s / self._completed if self._completed else 0.0
-        arrivals, completions = self._arrivals / interval_s, self._completed / interval_s
-        self._arrivals = self._completed = self._slo_checked = self._slo_met = 0
-        self._latency_s = 0.0
+        queued: dict[str | None, int] = {}
+        for r in self.sim.cp.queued_views():
+            queued[r.model_name] = queued.get(r.model_name, 0) + 1
+        counts, self._counts = self._counts, {}
         for state in self.states.values():
-            view = self._view(state, now, interval_s, arrivals, completions, slo, mean_latency)
             pool = state.pool
+            model = pool.template.instance.model_name
+            # the pool's model's requests, and those that asked for no model in particular
+            mine = _Counts.total(c for m, c in counts.items() if m in (None, model))
+            waiting = sum(n for m, n in queued.items() if m in (None, model))
+            view = self._view(state, now, interval_s, mine, waiting)
             target = min(pool.max_instances, max(pool.min_instances, self.autoscaler.target(view)))
             self._scale(state, target, now)
             self._record(view, target, state)
 
     def _view(
-        self,
-        state: _PoolState,
-        now: float,
-        interval_s: float,
-        arrivals: float,
-        completions: float,
-        slo: float | None,
-        mean_latency: float,
+        self, state: _PoolState, now: float, interval_s: float, counts: _Counts, queued: int
     ) -> PoolView:
         cp, pool = self.sim.cp, state.pool
         serving = [iid for iid in state.ready if iid not in state.draining]
@@ -166,12 +187,12 @@ class PoolScaling:
             min_instances=pool.min_instances,
             max_instances=pool.max_instances,
             max_concurrent_per_instance=pool.template.instance.max_concurrent_requests,
-            queued=cp.num_queued,
+            queued=queued,
             in_flight=in_flight,
-            arrivals_per_s=arrivals,
-            completions_per_s=completions,
-            slo_attainment=slo,
-            mean_latency_s=mean_latency,
+            arrivals_per_s=counts.arrivals / interval_s,
+            completions_per_s=counts.completed / interval_s,
+            slo_attainment=counts.slo_met / counts.slo_checked if counts.slo_checked else None,
+            mean_latency_s=counts.latency_s / counts.completed if counts.completed else 0.0,
         )
 
     def _scale(self, state: _PoolState, target: int, now: float) -> None:

@@ -267,7 +267,7 @@ class ClusterSimulation:
             nonlocal num_done
             now = clock.now()
             if scaling is not None:
-                scaling.on_arrival()
+                scaling.on_arrival(meta.model_name)
             cp.on_arrival(meta, now)
             self._dispatch(now)
             num_done += 1

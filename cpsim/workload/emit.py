@@ -97,6 +97,7 @@ def emit_batch(
     users, priorities = columns.user_ids, columns.priorities
     blocks = prefix_blocks
     model, budget = mix.model_name, mix.cost_budget
+    models = columns.model_names
     times, prompts, outputs = times_s.tolist(), prompt_tokens.tolist(), output_tokens.tolist()
     if not len(times) == len(prompts) == len(outputs):
         raise ValueError(
@@ -108,6 +109,8 @@ def emit_batch(
         slo = None if slos is None else slos[i]
         prompt, output = prompts[i], outputs[i]
         block_ids = None if blocks is None else blocks[i]
+        if models is not None:
+            model = models[i]
         meta: RequestMetadata
         if (
             i > 0

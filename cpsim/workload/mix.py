@@ -23,6 +23,7 @@ class MixColumns:
     priorities: list[RequestPriority]
     user_ids: list[str]
     slo_deadline_ms: list[float] | None
+    model_names: list[str] | None = None  # when the mix draws models (``models``)
 
 
 def _cdf(weights: FloatArray) -> FloatArray:
@@ -41,7 +42,8 @@ class RequestMix:
     - SLO deadline: ``slo_ms`` fixed, or ``slo_multiplier`` x (``slo_base_ms`` +
       ``slo_per_prompt_token_ms`` x prompt + ``slo_per_output_token_ms`` x max_tokens), an
       ideal-latency estimate scaled by a slack factor; none when neither is given;
-    - ``cost_budget`` and ``model_name`` copied onto every request.
+    - ``cost_budget`` and ``model_name`` copied onto every request; or ``models``: model name
+      -> probability, each request asking for one of them (several models at once).
     """
 
     priorities: Mapping[str, float] = field(default_factory=lambda: {"normal": 1.0})
@@ -56,6 +58,7 @@ class RequestMix:
     slo_multiplier: float = 1.0
     cost_budget: float | None = None
     model_name: str | None = None
+    models: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "priorities", {str(k): v for k, v in self.priorities.items()})
@@ -82,6 +85,18 @@ class RequestMix:
         check_positive("slo_multiplier", self.slo_multiplier)
         if self.cost_budget is not None:
             check_non_negative("cost_budget", self.cost_budget)
+        if self.models is not None:
+            object.__setattr__(self, "models", {str(k): v for k, v in self.models.items()})
+            if self.model_name is not None:
+                raise ValueError(
+                    f"model_name={self.model_name!r} and models={dict(self.models)!r}: give one"
+                )
+            if not self.models:
+                raise ValueError("models={} is not allowed; give model name -> probability")
+            for name, prob in self.models.items():
+                check_non_negative(f"models[{name!r}]", prob)
+            if sum(self.models.values()) <= 0:
+                raise ValueError(f"models={dict(self.models)!r} must have a positive total")
 
     @cached_property
     def _priority_table(self) -> tuple[list[RequestPriority], FloatArray]:
@@ -121,10 +136,20 @@ class RequestMix:
         priority_idx = np.searchsorted(priority_cdf, picks[0], side="right").tolist()
         user_idx = np.searchsorted(user_cdf, picks[1], side="right").tolist()
         slo = self.slo_for(prompt_tokens, output_tokens)
+        model_names = None
+        if self.models:
+            # from a child stream (spawning draws nothing from ``rng``): users, priorities
+            # and SLOs come out as they would without models
+            models = list(self.models)
+            cdf = _cdf(np.asarray(list(self.models.values()), dtype=np.float64))
+            picks_model = rng.spawn(1)[0].random(n)
+            model_idx = np.searchsorted(cdf, picks_model, side="right").tolist()
+            model_names = [models[i] for i in model_idx]
         return MixColumns(
             priorities=[members[i] for i in priority_idx],
             user_ids=[names[i] for i in user_idx],
             slo_deadline_ms=None if slo is None else slo.tolist(),
+            model_names=model_names,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -143,4 +168,6 @@ class RequestMix:
         for name in ("cost_budget", "model_name"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        if self.models:
+            out["models"] = dict(self.models)
         return out
