@@ -21,6 +21,7 @@ from policies.routing.prefix_cache_aware import PrefixCacheAwareRouter
 from policies.routing.random import RandomRouter
 from policies.routing.round_robin import RoundRobinRouter
 from policies.routing.weighted_round_robin import WeightedRoundRobinRouter
+from policies.scheduling.ab_test import ABTestPolicy
 from policies.scheduling.adaptive import AdaptivePolicy
 from policies.scheduling.cost_optimized import CostOptimizedPolicy
 from policies.scheduling.fair_share import FairSharePolicy
@@ -35,6 +36,7 @@ SCHEDULING_POLICIES: dict[str, type[SchedulingPolicy]] = {
     "cost_optimized": CostOptimizedPolicy,
     "adaptive": AdaptivePolicy,
     "fair_share": FairSharePolicy,
+    "ab_test": ABTestPolicy,
 }
 ROUTERS: dict[str, type[Router]] = {
     "round_robin": RoundRobinRouter,
