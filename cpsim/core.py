@@ -171,6 +171,9 @@ class ControlPlane:
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
         self.terminal_listeners: list[Callable[[RequestState], None]] = []
+        #: Called with each request as it arrives, admitted or not (offered load, for
+        #: autoscalers: cpsim/scaling.py).
+        self.arrival_listeners: list[Callable[[RequestView], None]] = []
 
     # ------------------------------------------------------------------ instances
     def add_instance(self, instance: ExecutionInstance, now: float) -> None:
@@ -249,6 +252,8 @@ class ControlPlane:
             raise ValueError(f"request_id={rid!r} is already active; request ids must be unique")
         self._seq += 1
         req = RequestState(RequestView.of(meta, now, self._seq))
+        for listener in self.arrival_listeners:
+            listener(req.view)
         limit = self.config.max_queue_len
         if limit is not None and len(self._queue) >= limit:
             reason = f"queue full: {len(self._queue)} queued, max_queue_len={limit}"

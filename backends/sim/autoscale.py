@@ -12,8 +12,7 @@ series (``RunResult.scaling``).
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 from cpsim.protocols import Autoscaler
 from cpsim.requests import RequestState
-from cpsim.types import RequestStatus
+from cpsim.scaling import ScalingObserver, pool_view, queued_by_model
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import PoolView
 
@@ -50,28 +49,6 @@ class Pool:
                 f"min_instances={self.min_instances}"
             )
         check_non_negative("cold_start_s", self.cold_start_s)
-
-
-@dataclass
-class _Counts:
-    """What happened to requests since the last tick."""
-
-    arrivals: int = 0
-    completed: int = 0
-    latency_s: float = 0.0
-    slo_checked: int = 0
-    slo_met: int = 0
-
-    @staticmethod
-    def total(parts: Iterable[_Counts]) -> _Counts:
-        out = _Counts()
-        for c in parts:
-            out.arrivals += c.arrivals
-            out.completed += c.completed
-            out.latency_s += c.latency_s
-            out.slo_checked += c.slo_checked
-            out.slo_met += c.slo_met
-        return out
 
 
 @dataclass
@@ -116,30 +93,12 @@ class PoolScaling:
             ]
             self.states[pool.name] = _PoolState(pool, members, {}, set(), len(members))
         self.series: dict[str, list[Any]] = {c: [] for c in SERIES_COLUMNS}
-        # what happened since the last tick, by the model requests asked for (None: any)
-        self._counts: dict[str | None, _Counts] = {}
+        self.observer = ScalingObserver()  # what happened since the last tick, per model
+        self.observer.attach(sim.cp)
         sim.cp.terminal_listeners.append(self._on_terminal)
 
     # ------------------------------------------------------------------ driver hooks
-    def on_arrival(self, model: str | None) -> None:
-        self._count(model).arrivals += 1
-
-    def _count(self, model: str | None) -> _Counts:
-        found = self._counts.get(model)
-        if found is None:
-            found = self._counts[model] = _Counts()
-        return found
-
     def _on_terminal(self, req: RequestState) -> None:
-        counts = self._count(req.view.model_name)
-        if req.status is RequestStatus.COMPLETED and req.finish_s is not None:
-            counts.completed += 1
-            counts.latency_s += req.finish_s - req.view.arrival_s
-        deadline = req.view.deadline_s()
-        if deadline is not None and req.status is not RequestStatus.CANCELLED:
-            counts.slo_checked += 1
-            met = req.status is RequestStatus.COMPLETED and (req.finish_s or math.inf) <= deadline
-            counts.slo_met += int(met)
         if any(s.draining for s in self.states.values()):
             # unregister drained instances after this event, not inside the core's call
             self.sim.clock.call_later(0.0, lambda _e: self._release_drained(self.sim.env.now))
@@ -156,44 +115,28 @@ class PoolScaling:
     # ------------------------------------------------------------------ one tick
     def tick(self, now: float, interval_s: float) -> None:
         self._release_drained(now)
-        queued: dict[str | None, int] = {}
-        for r in self.sim.cp.queued_views():
-            queued[r.model_name] = queued.get(r.model_name, 0) + 1
-        counts, self._counts = self._counts, {}
+        queued = queued_by_model(self.sim.cp)
+        counts = self.observer.take()
         for state in self.states.values():
             pool = state.pool
-            model = pool.template.instance.model_name
-            # the pool's model's requests, and those that asked for no model in particular
-            mine = _Counts.total(c for m, c in counts.items() if m in (None, model))
-            waiting = sum(n for m, n in queued.items() if m in (None, model))
-            view = self._view(state, now, interval_s, mine, waiting)
+            view = pool_view(
+                self.sim.cp,
+                pool=pool.name,
+                model=pool.template.instance.model_name,
+                serving=[iid for iid in state.ready if iid not in state.draining],
+                num_starting=len(state.starting),
+                num_draining=len(state.draining),
+                min_instances=pool.min_instances,
+                max_instances=pool.max_instances,
+                max_concurrent_per_instance=pool.template.instance.max_concurrent_requests,
+                counts=counts,
+                queued=queued,
+                now=now,
+                interval_s=interval_s,
+            )
             target = min(pool.max_instances, max(pool.min_instances, self.autoscaler.target(view)))
             self._scale(state, target, now)
             self._record(view, target, state)
-
-    def _view(
-        self, state: _PoolState, now: float, interval_s: float, counts: _Counts, queued: int
-    ) -> PoolView:
-        cp, pool = self.sim.cp, state.pool
-        serving = [iid for iid in state.ready if iid not in state.draining]
-        in_flight = sum(cp.num_on_instance(iid) for iid in serving)
-        return PoolView(
-            pool=pool.name,
-            time_s=now,
-            interval_s=interval_s,
-            num_ready=len(serving),
-            num_starting=len(state.starting),
-            num_draining=len(state.draining),
-            min_instances=pool.min_instances,
-            max_instances=pool.max_instances,
-            max_concurrent_per_instance=pool.template.instance.max_concurrent_requests,
-            queued=queued,
-            in_flight=in_flight,
-            arrivals_per_s=counts.arrivals / interval_s,
-            completions_per_s=counts.completed / interval_s,
-            slo_attainment=counts.slo_met / counts.slo_checked if counts.slo_checked else None,
-            mean_latency_s=counts.latency_s / counts.completed if counts.completed else 0.0,
-        )
 
     def _scale(self, state: _PoolState, target: int, now: float) -> None:
         serving = [iid for iid in state.ready if iid not in state.draining]

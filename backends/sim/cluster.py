@@ -261,13 +261,9 @@ class ClusterSimulation:
         num_done = 0
         due: RequestMetadata | None = None
 
-        scaling = self.scaling
-
         def admit(meta: RequestMetadata) -> None:
             nonlocal num_done
             now = clock.now()
-            if scaling is not None:
-                scaling.on_arrival(meta.model_name)
             cp.on_arrival(meta, now)
             self._dispatch(now)
             num_done += 1
