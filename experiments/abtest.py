@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from experiments.api import split_overrides
+
 ALPHA = 0.05
 POWER = 0.8
 Z_ALPHA = 1.959963984540054  # two-sided 95 %
@@ -246,11 +248,7 @@ def run_paired(a: Sequence[str], b: Sequence[str], common: Sequence[str]) -> lis
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    args = list(sys.argv[1:] if argv is None else argv)
-    common: list[str] = []
-    if "--" in args:
-        common = args[args.index("--") + 1 :]
-        args = args[: args.index("--")]
+    args, common = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", default="", help="arm A's overrides, e.g. 'policy=fifo'")
     parser.add_argument("--b", default="", help="arm B's overrides")

@@ -7,6 +7,7 @@ result.requests.head(); result.metrics
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -18,6 +19,13 @@ from experiments.schema import register
 from experiments.study import StudyResult, base_overrides, grid, run_study
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A command line's own arguments and the Hydra overrides after ``--``."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return argv[:cut], argv[cut + 1 :]
 
 
 def compose_config(*overrides: str) -> DictConfig:

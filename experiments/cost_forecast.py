@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 
 from cpsim.types import RequestMetadata, RequestPriority
 from cpsim.validation import check_positive
-from experiments.api import compose_config
+from experiments.api import compose_config, split_overrides
 from experiments.build import build_run
 from experiments.report import summary_row
 
@@ -204,11 +204,7 @@ def check(opts: argparse.Namespace, overrides: Sequence[str]) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    args = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in args:
-        overrides = args[args.index("--") + 1 :]
-        args = args[: args.index("--")]
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0])
     parser.add_argument("--slo-target", type=float, default=95.0, help="% of requests")

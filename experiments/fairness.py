@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cpsim.types import RequestMetadata
-from experiments.api import compose_config
+from experiments.api import compose_config, split_overrides
 from experiments.build import build_run
 
 CONFIGURATIONS = {
@@ -71,11 +71,7 @@ def summarize(name: str, records: pd.DataFrame) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    args = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in args:
-        overrides = args[args.index("--") + 1 :]
-        args = args[: args.index("--")]
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--heavy-rate", type=float, default=40.0)

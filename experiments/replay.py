@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cpsim.types import RequestMetadata
-from experiments.api import compose_config
+from experiments.api import compose_config, split_overrides
 from experiments.build import build_run
 
 FIELDS = ("arrival", "prompt", "output", "ttft", "tpot")
@@ -167,9 +167,7 @@ def parse_columns(text: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str]) -> pd.DataFrame:
-    argv = list(argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args_part, overrides = argv[:cut], argv[cut + 1 :]
+    args_part, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", type=Path)
     fields = ", ".join(FIELDS)
