@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from cpsim.manager import ControlPlaneManager
 from cpsim.protocols import Autoscaler
-from cpsim.scaling import ScalingObserver, pool_view, queued_by_model
+from cpsim.scaling import ScalingObserver, drain_candidate, pool_view, queued_by_model
 from cpsim.types import ExecutionInstance
 from cpsim.validation import check_non_negative, check_positive
 
@@ -167,12 +167,8 @@ class LiveAutoscaler:
                 self.starting.pop(index).cancel()
                 self.events.append((now, "called off", str(index)))
             elif self.serving:
-                self._drain(self._least_busy())
+                self._drain(drain_candidate(self.manager.core, self.serving))
         return target
-
-    def _least_busy(self) -> str:
-        core = self.manager.core
-        return min(reversed(self.serving), key=core.num_on_instance)
 
     async def _start(self, index: int) -> None:
         self.events.append((self.manager._now(), "start", str(index)))
@@ -205,12 +201,3 @@ class LiveAutoscaler:
             self.events.append((self.manager._now(), "stopped", instance_id))
 
         self.draining[instance_id] = asyncio.create_task(drain())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "pool": self.pool,
-            "serving": list(self.serving),
-            "starting": sorted(self.starting),
-            "draining": sorted(self.draining),
-            "autoscaler": self.autoscaler.name,
-        }

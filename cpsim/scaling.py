@@ -83,6 +83,12 @@ class ScalingObserver:
         return counts
 
 
+def drain_candidate(core: ControlPlane, serving: Sequence[str]) -> str:
+    """The serving instance to drain when a pool shrinks: the one holding the fewest
+    requests, the newest of equals (``serving`` in order of start)."""
+    return min(reversed(serving), key=core.num_on_instance)
+
+
 def queued_by_model(core: ControlPlane) -> dict[str | None, int]:
     out: dict[str | None, int] = {}
     for r in core.queued_views():

@@ -22,7 +22,6 @@ it is rejected in either mode. Nothing is dropped without a reason.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from cpsim.limits import Limit, TokenBucket
@@ -73,15 +72,6 @@ class _Principal:
         if self.tokens is not None:
             self.tokens.take(tokens)
         self.active += 1
-
-
-@dataclass(frozen=True)
-class QuotaUsage:
-    """One principal's state, for reports: its kind, name and active requests."""
-
-    kind: str
-    name: str
-    active: int
 
 
 class Quotas:
@@ -197,13 +187,6 @@ class Quotas:
         """The earliest time a request held by a rate limit in the last pass could go (a
         concurrency cap frees when a request ends, which drivers see anyway)."""
         return self._next_release_s
-
-    # ------------------------------------------------------------------ reports
-    def tenant(self, user_id: str) -> str | None:
-        return self.tenant_of.get(user_id)
-
-    def usage(self) -> list[QuotaUsage]:
-        return [QuotaUsage(kind, name, p.active) for (kind, name), p in self._principals.items()]
 
     # ------------------------------------------------------------------ internals
     def _principals_of(self, user: str, now: float) -> list[_Principal]:

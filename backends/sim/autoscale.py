@@ -20,7 +20,7 @@ import pandas as pd
 
 from cpsim.protocols import Autoscaler
 from cpsim.requests import RequestState
-from cpsim.scaling import ScalingObserver, pool_view, queued_by_model
+from cpsim.scaling import ScalingObserver, drain_candidate, pool_view, queued_by_model
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import PoolView
 
@@ -176,7 +176,7 @@ class PoolScaling:
         serving = [iid for iid in state.ready if iid not in state.draining]
         if not serving:
             return
-        victim = min(reversed(serving), key=cp.num_on_instance)
+        victim = drain_candidate(cp, serving)
         cp.drain_instance(victim)
         state.draining.add(victim)
         self._release_drained(now)
