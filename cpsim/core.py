@@ -107,6 +107,20 @@ class Dispatch(NamedTuple):
         return self.request.request_id
 
 
+class Migration(NamedTuple):
+    """Move a running decode from ``source_instance_id`` to ``instance_id`` (a slot held
+    there meanwhile): the driver copies its KV over and reports the hand-over, or that it
+    could not (``ControlPlane.end_migration``, ``cancel_migration``)."""
+
+    request: RequestMetadata
+    source_instance_id: str
+    instance_id: str
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
 class Abort(NamedTuple):
     """Stop a request on an instance (after a cancel); the backend reports nothing more."""
 
@@ -167,6 +181,9 @@ class ControlPlane:
         self._draining: set[str] = set()  # taking no new requests, finishing what they hold
         self._num_retrying = 0  # active requests that are retries, for the retry budget
         self._aborts: list[Abort] = []  # the core's own (an expired hand-off), for the driver
+        self._migrating: dict[str, str] = {}  # request id -> the instance it migrates to
+        self.num_migrations = 0  # handed over
+        self.num_migrations_cancelled = 0  # started, then given up (the request stayed)
         self._seq = 0
         #: Called with each request as it reaches its terminal state (drivers use it to
         #: wake waiters or keep a bounded status history).
@@ -354,7 +371,7 @@ class ControlPlane:
         if req is None:
             return
         if num_output_tokens is not None:
-            req.num_output_tokens = num_output_tokens
+            req.num_output_tokens = req.token_offset + num_output_tokens
         req.last_token_s = now
         if extras:
             req.extras.update(extras)
@@ -706,14 +723,19 @@ class ControlPlane:
         inst.admit(req, now)  # marks the view stale: rebuilt before the next placement
 
     def _release(self, req: RequestState, now: float) -> None:
-        """The request leaves its instance (and the hand-off wait, if it was in it)."""
+        """The request leaves its instance (and the hand-off wait, if it was in it; and
+        its migration, if it was migrating)."""
         if self._handoffs:
             self._handoffs.pop(req.view.request_id, None)
+        if self._migrating:
+            self.cancel_migration(req.view.request_id)
         inst = self._instances.get(req.instance_id or "")
         if inst is not None:
             inst.release(req, now)
 
     def _evict(self, inst: InstanceState, now: float, reason: str) -> list[str]:
+        for rid in list(inst.incoming):  # their KV was on its way here: they stay put
+            self.cancel_migration(rid)
         affected = list(inst.in_flight)
         for rid in affected:
             req = self._requests[rid]
@@ -797,6 +819,108 @@ class ControlPlane:
         if self.quotas is None or not self._queue:
             return None
         return self.quotas.next_release_s()
+
+    # ------------------------------------------------------------------ migration
+    def migration_problem(self, request_id: str, target_id: str) -> str | None:
+        """Why the request cannot start migrating to ``target_id`` now; None when it can.
+        A request migrates while it decodes (its first token out, not awaiting a PD
+        hand-off, not migrating already) to another healthy, trusted, not draining instance
+        that decodes its model and has a free slot."""
+        req = self._requests.get(request_id)
+        if req is None or req.status is not _RUNNING:
+            return f"request {request_id!r} is not running"
+        if req.first_token_s is None or req.phase is _PREFILL or request_id in self._handoffs:
+            return f"request {request_id!r} is not decoding yet"
+        if request_id in self._migrating:
+            return f"request {request_id!r} is already migrating to {self._migrating[request_id]}"
+        inst = self._instances.get(target_id)
+        if inst is None:
+            return f"instance {target_id!r} is not registered"
+        if target_id == req.instance_id:
+            return f"request {request_id!r} is already on {target_id}"
+        view = inst.view()
+        model = req.view.model_name
+        if view.instance_type not in _PHASE_TYPES[_DECODE]:
+            return f"instance {target_id} is {view.instance_type.value}; it does not decode"
+        if model is not None and view.model_name != model:
+            return f"instance {target_id} serves {view.model_name!r}, not {model!r}"
+        if target_id in self._draining or target_id in self._ejected:
+            return f"instance {target_id} takes no new requests (draining or ejected)"
+        if not inst.has_capacity():
+            return f"instance {target_id} is down or full"
+        return None
+
+    def start_migration(self, request_id: str, target_id: str, now: float) -> Migration:
+        """Start moving a decoding request to ``target_id`` (ValueError naming why not:
+        ``migration_problem``). It stays on its instance, and its events count there,
+        until the driver hands it over (``end_migration``) or gives up
+        (``cancel_migration``); a slot on the target is held for it meanwhile."""
+        problem = self.migration_problem(request_id, target_id)
+        if problem is not None:
+            raise ValueError(f"cannot migrate: {problem}")
+        req = self._requests[request_id]
+        assert req.instance_id is not None
+        self._migrating[request_id] = target_id
+        self._instances[target_id].reserve(request_id)
+        return Migration(req.view.meta, req.instance_id, target_id)
+
+    def migration_target(self, request_id: str) -> str | None:
+        """Where the request is migrating; None when it is not (any more)."""
+        return self._migrating.get(request_id)
+
+    def cancel_migration(self, request_id: str) -> bool:
+        """Give up the request's migration, if any (it stays where it runs); False if none."""
+        target = self._migrating.pop(request_id, None)
+        if target is None:
+            return False
+        inst = self._instances.get(target)
+        if inst is not None:
+            inst.unreserve(request_id)
+        self.num_migrations_cancelled += 1
+        return True
+
+    def end_migration(
+        self, request_id: str, num_output_tokens: int, now: float, downtime_s: float = 0.0
+    ) -> bool:
+        """The hand-over: the request, stopped on its instance after ``num_output_tokens``
+        tokens in all, now runs on its migration's target, whose reports count from there
+        (its ``on_finish`` gives the tokens it made itself). False when the migration is no
+        longer on (the request ended, or the target went): nothing changes here, and the
+        driver resumes it where it was (``resume``)."""
+        target = self._migrating.pop(request_id, None)
+        req = self._requests.get(request_id)
+        if target is None or req is None:
+            return False
+        dst = self._instances[target]
+        dst.unreserve(request_id)
+        src = self._instances.get(req.instance_id or "")
+        if src is not None:
+            src.release(req, now)
+        self._set_offset(req, num_output_tokens)
+        req.instance_id = target
+        if req.phase is _DECODE:
+            req.decode_instance_id = target
+        dst.admit(req, now)
+        req.extras["num_migrations"] = req.extras.get("num_migrations", 0.0) + 1.0
+        downtime = req.extras.get("migration_downtime_s", 0.0) + downtime_s
+        req.extras["migration_downtime_s"] = downtime
+        self.num_migrations += 1
+        return True
+
+    def resume(self, request_id: str, num_output_tokens: int) -> None:
+        """A request stopped for a hand-over that did not happen runs on where it was, from
+        ``num_output_tokens`` tokens: its instance's reports count from there."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._set_offset(req, num_output_tokens)
+
+    def _set_offset(self, req: RequestState, num_output_tokens: int) -> None:
+        req.num_output_tokens = max(req.num_output_tokens, num_output_tokens)
+        req.token_offset = num_output_tokens
+
+    @property
+    def num_migrating(self) -> int:
+        return len(self._migrating)
 
     def take_aborts(self) -> list[Abort]:
         """Aborts the core decided on its own since the last call (an expired hand-off);

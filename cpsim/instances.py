@@ -37,6 +37,7 @@ class InstanceState:
         "cost_share_s",
         "gpu_memory_total_gb",
         "in_flight",
+        "incoming",
         "instance",
         "kv_cache_usage_frac",
         "last_change_s",
@@ -80,6 +81,8 @@ class InstanceState:
         self._cost_per_s = i.cost_per_hour / 3600.0
         self.gpu_memory_total_gb = i.gpu_memory_gb * i.num_gpus
         self.in_flight: dict[str, RequestState] = {}
+        #: requests migrating here (their KV on its way): they hold a slot, not yet a share
+        self.incoming: set[str] = set()
         self.pending_prefill_tokens = 0
         self.num_running = 0
         self.num_waiting = 0
@@ -192,17 +195,28 @@ class InstanceState:
         return self.busy_s / span if span > 0 else 0.0
 
     def load_frac(self) -> float:
-        return len(self.in_flight) / self._max_concurrent
+        return (len(self.in_flight) + len(self.incoming)) / self._max_concurrent
 
     def has_capacity(self) -> bool:
         """``InstanceView.has_capacity`` of the view as it would be built now."""
-        return bool(self.instance.is_healthy) and len(self.in_flight) < self._max_concurrent
+        taken = len(self.in_flight) + len(self.incoming)
+        return bool(self.instance.is_healthy) and taken < self._max_concurrent
+
+    def reserve(self, request_id: str) -> None:
+        """A slot for a request migrating here, until it arrives or the migration ends."""
+        self.incoming.add(request_id)
+        self._touch()
+
+    def unreserve(self, request_id: str) -> None:
+        if request_id in self.incoming:
+            self.incoming.discard(request_id)
+            self._touch()
 
     # -- what policies see -------------------------------------------------------
     def view(self) -> InstanceView:
         view = self._view
         if view is None:
-            n = len(self.in_flight)
+            n = len(self.in_flight) + len(self.incoming)
             instance = self.instance
             head, tail = self._head, self._tail
             view = self._view = new_namedtuple(  # rebuilt ~3 times a request

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from cpsim.views import InstanceView, PoolView, RequestView
+from cpsim.views import DecodeView, InstanceView, PoolView, RequestView
 
 
 class Placement(NamedTuple):
@@ -127,3 +127,24 @@ class Autoscaler(Protocol):
     def interval_s(self) -> float: ...
 
     def target(self, pool: PoolView) -> int: ...
+
+
+@runtime_checkable
+class MigrationPolicy(Protocol):
+    """Rebalances running decodes between instances (as Llumnix does). Every ``interval_s``
+    the driver shows it the instances and the requests decoding on each (those not already
+    migrating) and starts the migrations it returns, as (request id, target instance id);
+    the core refuses any that is not possible (``ControlPlane.migration_problem``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def interval_s(self) -> float: ...
+
+    def plan(
+        self,
+        instances: Sequence[InstanceView],
+        decoding: Mapping[str, Sequence[DecodeView]],
+        now: float,
+    ) -> list[tuple[str, str]]: ...

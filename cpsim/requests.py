@@ -34,6 +34,7 @@ class RequestState:
         "reason",
         "retry_reasons",
         "status",
+        "token_offset",
         "view",
     )
 
@@ -51,6 +52,7 @@ class RequestState:
         self.last_token_s: float | None = None
         self.finish_s: float | None = None
         self.num_output_tokens = 0
+        self.token_offset = 0  # output tokens made before its last migration (see the core)
         self.attempts = 0
         self.reason = ""
         self.predicted_cost_usd: float | None = None

@@ -187,3 +187,15 @@ class PoolView(NamedTuple):
         if capacity == 0:
             return float("inf") if demand else 0.0
         return demand / capacity
+
+
+class DecodeView(NamedTuple):
+    """A request decoding on an instance, as a migration policy sees it: its context (prompt
+    and output so far: the KV a migration copies), the tokens it has still to make, and the
+    share of its instance's KV cache it holds."""
+
+    request_id: str
+    instance_id: str
+    num_context_tokens: int
+    num_remaining_tokens: int
+    kv_frac: float

@@ -210,6 +210,8 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         drain_timeout_s=cfg.drain_timeout_s,
         autoscaler=autoscaler,
         pools=pools,
+        migration=instantiate(cfg.migration) if cfg.get("migration") else None,
+        migration_mechanism=cfg.migration_mechanism,
     )
     names = dict(labels or {})
     names.setdefault("policy", _short(cfg.policy))

@@ -77,6 +77,7 @@ class RunSchema:
     core: CoreSchema = field(default_factory=CoreSchema)
     metrics: MetricsSchema = field(default_factory=MetricsSchema)
     kv_link: KVLinkSchema = field(default_factory=KVLinkSchema)
+    migration_mechanism: str = "kv_copy"
     policy: Any = None
     router: Any = None
     pd: Any = None
@@ -89,6 +90,7 @@ class RunSchema:
     search: Any = None
     quotas: Any = None
     autoscaling: Any = None
+    migration: Any = None
     objective: ObjectiveSchema | None = None
     faults: list[Any] = field(default_factory=list)
 

@@ -19,7 +19,14 @@ from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
 from cpsim.parallelism import GPUBudget
 from cpsim.profiles import load_profile
-from cpsim.protocols import AdmissionPolicy, Autoscaler, PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import (
+    AdmissionPolicy,
+    Autoscaler,
+    MigrationPolicy,
+    PDPolicy,
+    Router,
+    SchedulingPolicy,
+)
 from cpsim.types import RequestMetadata
 from cpsim.workload import Workload, default_trace_dir
 from experiments.autoscaling import study_runs
@@ -39,6 +46,7 @@ GROUPS = (
     "parallelism",
     "quotas",
     "autoscaling",
+    "migration",
 )
 #: Groups the live manager uses, not the simulation config: each option is checked on its own.
 STANDALONE = ("backend",)
@@ -191,6 +199,8 @@ def _check_object(group: str, option: str, cfg: DictConfig) -> None:
         assert isinstance(obj, AdmissionPolicy)
     elif group == "autoscaling":
         assert isinstance(obj, Autoscaler)
+    elif group == "migration":
+        assert isinstance(obj, MigrationPolicy)
 
 
 @pytest.mark.parametrize(("group", "option"), CASES)
@@ -201,7 +211,7 @@ def test_every_option_composes_and_instantiates(group: str, option: str) -> None
     cfg = compose_config(overrides)
     assert cfg[group] is not None
     _check_object(group, option, cfg)
-    if group in ("policy", "router", "pd", "quotas", "autoscaling"):  # the run builds
+    if group in ("policy", "router", "pd", "quotas", "autoscaling", "migration"):  # it builds
         setup = build_run(cfg)
         assert len(setup.simulation.procs) == 4
 

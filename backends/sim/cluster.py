@@ -16,6 +16,7 @@ from tqdm import tqdm
 from backends.sim.autoscale import Pool, PoolScaling
 from backends.sim.faults import Fault
 from backends.sim.handoff import KVTransfers
+from backends.sim.migration import Migrations
 from backends.sim.process import ReplicaProcess
 from backends.sim.replica import ReplicaConfig, SimReplica, SimRequest
 from backends.sim.wakeup import Scheduler
@@ -23,7 +24,7 @@ from cpsim.backend import ControlPlaneEvents
 from cpsim.core import ControlPlane, Dispatch
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec
-from cpsim.protocols import Autoscaler
+from cpsim.protocols import Autoscaler, MigrationPolicy
 from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestMetadata
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceSnapshot, Phase
@@ -138,7 +139,9 @@ class ClusterSimulation:
     Engine events reach the control plane at their virtual time and every event that may
     free capacity triggers a dispatch pass; what policies see of the engines is refreshed
     every ``scrape_interval_s`` (the control plane's own in-flight counts stay exact).
-    ``autoscaler``: sizes ``pools`` (backends/sim/autoscale.py) while the run goes."""
+    ``autoscaler``: sizes ``pools`` (backends/sim/autoscale.py) while the run goes.
+    ``migration``: moves running decodes between replicas by ``migration_mechanism``
+    (backends/sim/migration.py)."""
 
     def __init__(
         self,
@@ -152,6 +155,8 @@ class ClusterSimulation:
         merged_wakeups: bool = True,
         autoscaler: Autoscaler | None = None,
         pools: Sequence[Pool] = (),
+        migration: MigrationPolicy | None = None,
+        migration_mechanism: str = "kv_copy",
     ) -> None:
         check_positive("scrape_interval_s", scrape_interval_s)
         check_positive("drain_timeout_s", drain_timeout_s)
@@ -180,6 +185,9 @@ class ClusterSimulation:
         self._done = self.env.event()
         self.cp.terminal_listeners.append(self._on_terminal)
         self.scaling = PoolScaling(self, autoscaler, pools) if autoscaler is not None else None
+        self.migrations = (
+            Migrations(self, migration, migration_mechanism) if migration is not None else None
+        )
 
     # ------------------------------------------------------------------ replicas
     def add_replica(self, spec: ReplicaSpec, now: float) -> None:
@@ -224,6 +232,8 @@ class ClusterSimulation:
         self.env.process(self._scrapes())
         if self.scaling is not None:
             self.env.process(self.scaling.loop())
+        if self.migrations is not None:
+            self.env.process(self.migrations.loop())
         self.clock.run(self._done)
         if bar is not None:
             bar.close()
@@ -232,13 +242,16 @@ class ClusterSimulation:
         if self.scaling is not None:
             scaling = self.scaling.finish(end)
         metrics = self.cp.summary(end)
+        info: dict[str, Any] = {"gpu_hours": self.cp.metrics.gpu_hours(end)}
+        if self.migrations is not None:
+            info["migrations"] = self.migrations.summary()
         return RunResult(
             load_requests=self.cp.metrics.records,
             instances=self.series.frame() if self.series else pd.DataFrame(),
             metrics=metrics,
             sim_time_s=end,
             wall_time_s=time.perf_counter() - wall0,
-            info={"gpu_hours": self.cp.metrics.gpu_hours(end)},
+            info=info,
             scaling=scaling,
         )
 

@@ -97,6 +97,9 @@ class ReplicaProcess:
         self._failing_until_s = -_INF
         self._fail_after_s = 0.0
         self._doomed: set[str] = set()
+        # requests being taken off between steps (a migration's hand-over), and what to call
+        # with each once it is off
+        self._detaching: dict[str, tuple[SimRequest, Callable[[SimRequest, float], None]]] = {}
 
     # ------------------------------------------------------------------ inputs
     def submit(self, req: SimRequest, phase: Phase) -> None:
@@ -165,6 +168,26 @@ class ReplicaProcess:
             self.replica.abort_request(request_id)
         self._poke()
         return True
+
+    def detach(self, request_id: str, then: Callable[[SimRequest, float], None]) -> bool:
+        """Take a running request off the replica at the end of the step in flight (an
+        engine stops a request between steps) and call ``then(request, now)`` with its
+        progress at that moment; nothing more is reported for it. False if the replica does
+        not hold it. A crash before the step ends loses it: ``then`` is not called."""
+        req = self.replica.get(request_id)
+        if req is None or not self.abort(request_id):
+            return False
+        if req.is_finished:
+            then(req, self.clock.now())
+        else:
+            self._detaching[request_id] = (req, then)
+        return True
+
+    def _detached(self, now: float) -> None:
+        for rid, (req, then) in list(self._detaching.items()):
+            if req.is_finished:
+                del self._detaching[rid]
+                then(req, now)
 
     def add_fault(self, fault: Fault) -> None:
         """Schedule a fault on this replica (at ``fault.at_s``)."""
@@ -286,6 +309,8 @@ class ReplicaProcess:
         plan, self._plan = self._plan, None
         assert plan is not None
         self._report(self.replica.update_from_output(plan), now)
+        if self._detaching:
+            self._detached(now)
         self._next(now)
 
     def _start_run(self, horizon: int, now: float) -> None:
@@ -303,6 +328,20 @@ class ReplicaProcess:
         self._in_run = True
         self._step_start_s = now
         self._wait(total, self._end_run_whole)
+
+    def steps_ended_in_run(self) -> int:
+        """Steps of the decode run in flight that have ended by now, each a token for every
+        request of the run, not yet applied to them (the run applies its steps when it
+        ends); 0 when no run is in flight."""
+        if self._state is not _RUN or self._step_start_s is None:
+            return 0
+        elapsed = self.clock.now() - self._step_start_s
+        if self._run_times is None:
+            first, increment = self._run_linear
+            done = linear_run_steps_done(first, increment, elapsed)
+        else:
+            done = int(np.searchsorted(self._run_times, elapsed, side="right"))
+        return min(done, self._run_horizon)
 
     def _cut_run(self, now: float, tail_only: bool = False) -> bool:
         """Woken during a run: the step in flight finishes, then the run stops. With
@@ -349,6 +388,8 @@ class ReplicaProcess:
                 rep.abort_request(request_id)
             self._deferred_aborts.clear()
         self._report(outcome, now)
+        if self._detaching:
+            self._detached(now)
         self._next(now)
 
     # ------------------------------------------------------------------ reports
@@ -475,6 +516,7 @@ class ReplicaProcess:
         self._phases.clear()
         self._arriving.clear()
         self._doomed.clear()
+        self._detaching.clear()
         self._in_run = False
         self._deferred_aborts.clear()
         self._state = _IDLE
