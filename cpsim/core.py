@@ -18,7 +18,14 @@ from cpsim.instances import InstanceState
 from cpsim.latency import ObservedLatencyModel
 from cpsim.metrics import MetricsCollector
 from cpsim.outliers import OutlierConfig
-from cpsim.protocols import AdmissionPolicy, LatencyModel, PDPolicy, Router, SchedulingPolicy
+from cpsim.protocols import (
+    AdmissionPolicy,
+    LatencyModel,
+    LinkPolicy,
+    PDPolicy,
+    Router,
+    SchedulingPolicy,
+)
 from cpsim.requests import RequestState
 from cpsim.types import (
     ExecutionInstance,
@@ -152,12 +159,15 @@ class ControlPlane:
         metrics: MetricsCollector | None = None,
         latency_model: LatencyModel | None = None,
         quotas: AdmissionPolicy | None = None,
+        links: LinkPolicy | None = None,
     ) -> None:
         self.policy = policy
         self.router = router
         self.pd_policy = pd_policy
         #: Admission and dispatch limits per user and tenant (policies/quotas.py); None: none.
         self.quotas = quotas
+        #: Which KV paths PD hand-offs may take (policies/recovery); None: every path.
+        self.links = links
         self.config = config or ControlPlaneConfig()
         self.metrics = metrics or MetricsCollector(max_records=self.config.max_records)
         #: Predicts the TPOT a new decode would get, for decode targets (``_within_targets``).
@@ -248,6 +258,13 @@ class ControlPlane:
     def set_instance_health(self, instance_id: str, healthy: bool) -> None:
         self._instance(instance_id).set_health(healthy)
 
+    def start_probation(self, instance_id: str) -> None:
+        """Trust the instance with a trickle of requests (``outliers.probe_concurrency``)
+        until ``outliers.probe_successes`` of them succeed, as after an ejection: for an
+        engine just restarted, which may crash again (a crash loop) with whatever it took."""
+        self._instance(instance_id).end_ejection()
+        self._probing.add(instance_id)
+
     def instance_views(self) -> list[InstanceView]:
         return [inst.view() for inst in self._instances.values()]
 
@@ -332,6 +349,10 @@ class ControlPlane:
         inst = self._instances.get(req.instance_id or "")
         if inst is not None:
             inst.on_first_token(req, now)
+        source, target = req.prefill_instance_id, req.instance_id
+        if self.links is not None and req.phase is _DECODE and source and target != source:
+            assert target is not None
+            self.links.on_result(source, target, True, now)  # a hand-off's KV arrived
 
     def on_tokens(
         self, request_id: str, num_tokens: int, now: float, instance_id: str | None = None
@@ -406,6 +427,24 @@ class ControlPlane:
         self._release(req, now)
         self._requeue_or_fail(req, now, reason, retryable, budgeted=True)
 
+    def on_link_failure(
+        self, request_id: str, now: float, reason: str, instance_id: str | None = None
+    ) -> None:
+        """A hand-off's KV did not reach its decode instance (the link between the two
+        failed). With a link policy the path is blamed, not the decode instance; without
+        one, it is an error of the decode instance, as ``on_failure``."""
+        req = self._running(request_id, instance_id, handoff_ok=True)
+        if req is None:
+            return
+        source, target = req.prefill_instance_id, req.instance_id
+        if self.links is None or source is None or target is None:
+            self.on_failure(request_id, now, reason, instance_id=instance_id)
+            return
+        self.links.on_result(source, target, False, now)
+        req.failed_on += (target,)
+        self._release(req, now)
+        self._requeue_or_fail(req, now, reason, retryable=True, budgeted=True)
+
     def fail_all(self, now: float, reason: str) -> list[str]:
         """Cancel everything still active (used when a driver stops)."""
         ids = list(self._requests)
@@ -460,15 +499,20 @@ class ControlPlane:
     ) -> None:
         for req in list(self._handoffs.values()):
             self._fresh_views()  # the instance of the last hand-off placed
+            source = req.instance_id
             cands = self._candidates(req.view, _DECODE, views, req.failed_on)
-            if not cands and not self._decode_instance_up(req.view, views):
-                # no decode instance is up: decode where the KV already is, if that is up
-                own = views.get(req.instance_id or "")
+            if self.links is not None and cands and source is not None:
+                cands = [v for v in cands if self._path_open(req, source, v.instance_id, now)]
+            if not cands and not self._decode_reachable(req, source, views, now):
+                # no decode instance is up (or none over a path not cut): decode where the
+                # KV already is, if that is up
+                own = views.get(source or "")
                 cands = [own] if own is not None and own.is_healthy else []
             choice = self.router.route(req.view, cands, now) if cands else None
             if choice is None:
                 continue
-            source = req.instance_id
+            if self.links is not None and source is not None and choice.instance_id != source:
+                self.links.on_handoff(source, choice.instance_id, now)
             self._release(req, now)
             self._assign(req, choice.instance_id, _DECODE, now)
             req.decode_instance_id = choice.instance_id
@@ -482,6 +526,33 @@ class ControlPlane:
         if self._decode_instance_up(rview, views):
             return []
         return self._candidates(rview, _PREFILL, views, avoid)
+
+    def _decode_reachable(
+        self, req: RequestState, source: str | None, views: dict[str, InstanceView], now: float
+    ) -> bool:
+        """Whether a decode instance is up (``_decode_instance_up``) over a KV path from
+        ``source`` open to the request (``_path_open``)."""
+        if self.links is None or source is None:
+            return self._decode_instance_up(req.view, views)
+        model = req.view.model_name
+        return any(
+            v.is_healthy
+            and v.instance_type in _PHASE_TYPES[_DECODE]
+            and (model is None or v.model_name == model)
+            and v.instance_id not in self._draining
+            and self._path_open(req, source, v.instance_id, now)
+            for v in views.values()
+        )
+
+    def _path_open(self, req: RequestState, source: str, target: str, now: float) -> bool:
+        """Whether the link policy lets the request's KV go from ``source`` to ``target``.
+        A request that failed already goes only over trusted paths to instances that did
+        not fail it (never as the probe of a cut path), so a partition does not spend its
+        attempts; a fresh one may probe."""
+        assert self.links is not None
+        if req.failed_on:
+            return target not in req.failed_on and self.links.trusted(source, target)
+        return self.links.allows(source, target, now)
 
     def _decode_instance_up(self, rview: RequestView, views: dict[str, InstanceView]) -> bool:
         """Whether an instance that decodes the request's model is up and not draining:
@@ -515,6 +586,14 @@ class ControlPlane:
             phase = self._phase_for(rview, views, now)
             avoid = req.failed_on
             cands = self._candidates(rview, phase, views, avoid)
+            if phase is _PREFILL and cands and self.links is not None:
+                reachable = [
+                    v for v in cands if self._decode_reachable(req, v.instance_id, views, now)
+                ]
+                if not reachable:  # every KV path out of the prefill pool is cut: run it whole
+                    phase, cands = _FULL, self._candidates(rview, _FULL, views, avoid) + cands
+                else:
+                    cands = reachable
             if not cands and phase is _PREFILL:
                 phase, cands = _FULL, self._candidates(rview, _FULL, views, avoid)
             if not cands and phase is _FULL and self.pd_policy is not None:
@@ -1029,6 +1108,11 @@ class ControlPlaneEvents:
         instance_fault: bool = True,
     ) -> None:
         self.core.on_failure(request_id, now, reason, retryable, instance_id, instance_fault)
+        self.on_change(now)
+
+    def on_link_failure(self, request_id: str, instance_id: str, reason: str, now: float) -> None:
+        """A hand-off's KV did not reach ``instance_id`` (its decode instance)."""
+        self.core.on_link_failure(request_id, now, reason, instance_id)
         self.on_change(now)
 
     def on_instance_failure(self, instance_id: str, reason: str, now: float) -> None:

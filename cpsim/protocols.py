@@ -148,3 +148,47 @@ class MigrationPolicy(Protocol):
         decoding: Mapping[str, Sequence[DecodeView]],
         now: float,
     ) -> list[tuple[str, str]]: ...
+
+
+@runtime_checkable
+class RestartPolicy(Protocol):
+    """Decides whether and when an engine whose process died is restarted (fault
+    recovery). The driver asks at each crash that nothing else brings back, with the
+    engine's crash times so far (oldest first, the one just now last); it restarts the
+    engine that many seconds later (plus the engine's own start-up), or leaves it down for
+    good on None. ``probation``: a restarted engine takes a trickle of requests until a
+    few succeed (the outlier probation), so a crash loop costs a few requests per restart
+    rather than a full share of the traffic."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def probation(self) -> bool: ...
+
+    def restart_delay(self, crash_times: Sequence[float], now: float) -> float | None: ...
+
+
+@runtime_checkable
+class LinkPolicy(Protocol):
+    """Decides which KV paths (prefill instance -> decode instance) PD hand-offs may take,
+    from how hand-offs over each ended (fault recovery for network partitions between PD
+    pools). The core asks ``allows`` before it hands a request over, reports each hand-off
+    it starts (``on_handoff``) and how it ended (``on_result``: the KV arrived, or the link
+    failed); where no path from a prefill instance is allowed, the request decodes where it
+    was prefilled, and new requests run whole instead of disaggregated. A request that
+    already failed on a link is handed over ``trusted`` paths only (never as the probe of a
+    path that was cut), so a partition does not spend its attempts."""
+
+    @property
+    def name(self) -> str: ...
+
+    def allows(self, source: str, target: str, now: float) -> bool: ...
+
+    def trusted(self, source: str, target: str) -> bool: ...
+
+    def on_handoff(self, source: str, target: str, now: float) -> None: ...
+
+    def on_result(self, source: str, target: str, ok: bool, now: float) -> None: ...
+
+    def cut_paths(self, now: float) -> list[tuple[str, str, float]]: ...

@@ -117,15 +117,29 @@ def build_replicas(
     faults: list[Mapping[str, Any]] | None = None,
 ) -> list[ReplicaSpec]:
     """One replica per instance, each priced by its group's profile, else the run's
-    ``profile`` where it fits, else a shipped profile or the roofline (cpsim.pricing)."""
+    ``profile`` where it fits, else a shipped profile or the roofline (cpsim.pricing).
+    ``faults`` each name an ``instance_id`` or a cluster ``group`` (every instance of it:
+    a ``link`` fault on the decode group is a partition between the PD pools)."""
+    instances = build_instances(cluster, pd_enabled)
+    groups: dict[str, list[str]] = {}
+    for inst in instances:
+        groups.setdefault(str(inst.metadata.get("pool")), []).append(inst.instance_id)
     by_instance: dict[str, list[Fault]] = {}
     for f in faults or []:
         f = dict(f)
-        by_instance.setdefault(f.pop("instance_id"), []).append(Fault(**f))
+        if "group" in f:
+            group = f.pop("group")
+            if group not in groups:
+                raise ValueError(f"faults name unknown group {group!r}; known: {sorted(groups)}")
+            targets = groups[group]
+        else:
+            targets = [f.pop("instance_id")]
+        for iid in targets:
+            by_instance.setdefault(iid, []).append(Fault(**f))
     replicas = []
     utilization = cluster.get("replica", {}).get("gpu_memory_utilization", 0.9)
     scheduler = cluster.get("replica", {}).get("scheduler", "mixed")
-    for inst in build_instances(cluster, pd_enabled):
+    for inst in instances:
         model = load_model_spec(inst.model_name)
         config = ReplicaConfig.from_instance(
             inst, gpu_memory_utilization=utilization, scheduler=scheduler
@@ -198,6 +212,7 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         config=config,
         metrics=MetricsCollector(max_records=config.max_records, ttft_at=cfg.metrics.ttft_at),
         quotas=instantiate(cfg.quotas) if cfg.get("quotas") else None,
+        links=instantiate(cfg.links) if cfg.get("links") else None,
     )
     autoscaler = instantiate(cfg.autoscaling) if cfg.get("autoscaling") else None
     pools = build_pools(cluster, replicas, pd_policy is not None) if autoscaler else []
@@ -212,6 +227,8 @@ def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSe
         pools=pools,
         migration=instantiate(cfg.migration) if cfg.get("migration") else None,
         migration_mechanism=cfg.migration_mechanism,
+        restart=instantiate(cfg.restart) if cfg.get("restart") else None,
+        restart_s=float(cluster.get("cold_start_s", 60.0)),
     )
     names = dict(labels or {})
     names.setdefault("policy", _short(cfg.policy))

@@ -91,6 +91,8 @@ class RunSchema:
     quotas: Any = None
     autoscaling: Any = None
     migration: Any = None
+    restart: Any = None
+    links: Any = None
     objective: ObjectiveSchema | None = None
     faults: list[Any] = field(default_factory=list)
 

@@ -47,6 +47,8 @@ GROUPS = (
     "quotas",
     "autoscaling",
     "migration",
+    "restart",
+    "links",
 )
 #: Groups the live manager uses, not the simulation config: each option is checked on its own.
 STANDALONE = ("backend",)

@@ -24,7 +24,7 @@ from cpsim.backend import ControlPlaneEvents
 from cpsim.core import ControlPlane, Dispatch
 from cpsim.latency import StepLatencyModel
 from cpsim.models import ModelSpec
-from cpsim.protocols import Autoscaler, MigrationPolicy
+from cpsim.protocols import Autoscaler, MigrationPolicy, RestartPolicy
 from cpsim.types import ExecutionInstance, PerformanceMetrics, RequestMetadata
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceSnapshot, Phase
@@ -141,7 +141,9 @@ class ClusterSimulation:
     every ``scrape_interval_s`` (the control plane's own in-flight counts stay exact).
     ``autoscaler``: sizes ``pools`` (backends/sim/autoscale.py) while the run goes.
     ``migration``: moves running decodes between replicas by ``migration_mechanism``
-    (backends/sim/migration.py)."""
+    (backends/sim/migration.py). ``restart``: brings back replicas that crashed for good,
+    each ``restart_s`` (its engine's start-up: weights, warm-up) after the delay the policy
+    asks for."""
 
     def __init__(
         self,
@@ -157,8 +159,11 @@ class ClusterSimulation:
         pools: Sequence[Pool] = (),
         migration: MigrationPolicy | None = None,
         migration_mechanism: str = "kv_copy",
+        restart: RestartPolicy | None = None,
+        restart_s: float = 60.0,
     ) -> None:
         check_positive("scrape_interval_s", scrape_interval_s)
+        check_non_negative("restart_s", restart_s)
         check_positive("drain_timeout_s", drain_timeout_s)
         if not replicas:
             raise ValueError("replicas=[] is not allowed; a simulation needs at least one replica")
@@ -178,6 +183,11 @@ class ClusterSimulation:
         self.events = ControlPlaneEvents(control_plane, self._dispatch)
         self.transfers = KVTransfers(self.env)
         self.procs: dict[str, ReplicaProcess] = {}
+        self.restart = restart
+        self.restart_s = restart_s
+        self._crashes: dict[str, list[float]] = {}
+        # (time, instance, "crash" | "restart" | "give up") for the run's info
+        self.recovery_events: list[tuple[float, str, str]] = []
         for spec in replicas:
             self.add_replica(spec, 0.0)
         self._arrivals_done = False
@@ -197,6 +207,7 @@ class ClusterSimulation:
             raise ValueError(f"instance_id={iid!r} is already a replica of this simulation")
         replica = SimReplica(iid, spec.config, spec.latency, spec.num_gpu_blocks)
         proc = ReplicaProcess(self.env, replica, self.events, clock=self.clock)
+        proc.on_crash = self._on_crash
         for fault in spec.faults:
             proc.add_fault(fault)
         self.specs[iid] = spec
@@ -217,6 +228,43 @@ class ClusterSimulation:
             )
         self.cp.remove_instance(instance_id, now, reason="scaled in")
         del self.procs[instance_id]
+
+    def _on_crash(self, instance_id: str, now: float, comes_back: bool) -> None:
+        """A replica crashed: restart it when the policy says, unless a fault brings it
+        back by itself."""
+        crashes = self._crashes.setdefault(instance_id, [])
+        crashes.append(now)
+        self.recovery_events.append((now, instance_id, "crash"))
+        if comes_back or self.restart is None:
+            return
+        delay_s = self.restart.restart_delay(tuple(crashes), now)
+        if delay_s is None:
+            self.recovery_events.append((now, instance_id, "give up"))
+            return
+        self.clock.call_later(delay_s + self.restart_s, lambda _e: self._restart(instance_id))
+
+    def _restart(self, instance_id: str) -> None:
+        proc = self.procs.get(instance_id)
+        if proc is None or proc.is_up:  # scaled in meanwhile, or back already
+            return
+        self.recovery_events.append((self.clock.now(), instance_id, "restart"))
+        if self.restart is not None and self.restart.probation:
+            self.cp.start_probation(instance_id)
+        proc.recover()
+
+    def recovery_summary(self) -> dict[str, Any]:
+        """Crashes, restarts and replicas given up, with the events in time order."""
+        kinds = [kind for _t, _iid, kind in self.recovery_events]
+        given_up = {iid for _t, iid, kind in self.recovery_events if kind == "give up"}
+        return {
+            "crashes": kinds.count("crash"),
+            "restarts": kinds.count("restart"),
+            "given_up": sorted(given_up),
+            "events": [
+                {"time_s": t, "instance_id": iid, "event": kind}
+                for t, iid, kind in self.recovery_events
+            ],
+        }
 
     @property
     def done(self) -> bool:
@@ -245,6 +293,8 @@ class ClusterSimulation:
         info: dict[str, Any] = {"gpu_hours": self.cp.metrics.gpu_hours(end)}
         if self.migrations is not None:
             info["migrations"] = self.migrations.summary()
+        if self.recovery_events:
+            info["recovery"] = self.recovery_summary()
         return RunResult(
             load_requests=self.cp.metrics.records,
             instances=self.series.frame() if self.series else pd.DataFrame(),
@@ -389,7 +439,7 @@ class ClusterSimulation:
                 rid, target = d.request_id, d.instance_id
 
                 def report() -> None:
-                    self.events.on_failure(rid, target, reason, self.clock.now())
+                    self.events.on_link_failure(rid, target, reason, self.clock.now())
 
                 self.transfers.fail(rid, fail_s - now, report)
         else:

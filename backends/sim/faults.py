@@ -1,5 +1,5 @@
-"""Faults a simulated replica can suffer: a crash, a stall, a slowdown, a black hole, a
-broken KV link."""
+"""Faults a simulated replica can suffer: a crash, a crash loop, a stall, a slowdown, a black
+hole, a broken KV link."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Literal
 
 from cpsim.validation import check_choice, check_non_negative, check_positive
 
-FaultKind = Literal["crash", "stall", "slowdown", "fail", "link"]
-FAULT_KINDS = ("crash", "stall", "slowdown", "fail", "link")
+FaultKind = Literal["crash", "crashloop", "stall", "slowdown", "fail", "link"]
+FAULT_KINDS = ("crash", "crashloop", "stall", "slowdown", "fail", "link")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +17,12 @@ class Fault:
     """``kind`` at ``at_s`` (simulated seconds) for ``duration_s`` (None: for good).
 
     crash: every request on the replica is lost (the control plane is told once, with
-    ``on_instance_failure``) and the replica comes back empty after ``duration_s``;
+    ``on_instance_failure``) and the replica comes back empty after ``duration_s`` (None:
+    only a restart policy brings it back, as a real engine whose process died);
+    crashloop: a crash whose cause lasts ``duration_s`` (a bad node, a driver fault, an
+    engine that runs out of memory as it loads): the replica goes down at ``at_s`` and each
+    restart before the cause ends crashes again ``fail_after_s`` after it is up; only a
+    restart policy brings it back;
     stall: no progress for ``duration_s`` (a step in flight finishes that much later;
     snapshots go on); slowdown: step times are multiplied by ``factor`` meanwhile; fail (a
     black hole): the replica stays up and healthy but fails each request submitted

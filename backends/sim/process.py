@@ -100,6 +100,12 @@ class ReplicaProcess:
         # requests being taken off between steps (a migration's hand-over), and what to call
         # with each once it is off
         self._detaching: dict[str, tuple[SimRequest, Callable[[SimRequest, float], None]]] = {}
+        # a "crashloop" fault: until when each start crashes again, and how soon after it
+        self._crashloop_until_s = -_INF
+        self._crash_after_s = 0.0
+        # told of each crash (instance, now, whether a fault brings the replica back by
+        # itself): the cluster's restart policy listens here
+        self.on_crash: Callable[[str, float, bool], None] | None = None
 
     # ------------------------------------------------------------------ inputs
     def submit(self, req: SimRequest, phase: Phase) -> None:
@@ -471,10 +477,14 @@ class ReplicaProcess:
             yield env.timeout(fault.at_s - env.now)
         duration = _INF if fault.duration_s is None else fault.duration_s
         if fault.kind == "crash":
-            self.crash(f"crash fault at {fault.at_s}s")
+            self.crash(f"crash fault at {fault.at_s}s", comes_back=duration < _INF)
             if duration < _INF:
                 yield env.timeout(duration)
                 self.recover()
+        elif fault.kind == "crashloop":
+            self._crashloop_until_s = max(self._crashloop_until_s, env.now + duration)
+            self._crash_after_s = fault.fail_after_s
+            self.crash(f"crash loop from {fault.at_s}s", comes_back=False)
         elif fault.kind == "fail":
             self._failing_until_s = max(self._failing_until_s, env.now + duration)
             self._fail_after_s = fault.fail_after_s
@@ -493,14 +503,18 @@ class ReplicaProcess:
                 self._slowdown /= fault.factor
                 self._poke()
 
-    def crash(self, reason: str = "crashed") -> None:
-        """Lose every request and the KV cache; the control plane hears it once."""
+    def crash(self, reason: str = "crashed", comes_back: bool = False) -> None:
+        """Lose every request and the KV cache; the control plane hears it once.
+        ``comes_back``: a fault brings the replica back by itself (else only ``recover``,
+        a restart, does)."""
         if not self.is_up:
             return
         now = self.clock.now()
         self.num_crashes += 1
         self._go_down(now)
         self.events.on_instance_failure(self.instance_id, reason, now)
+        if self.on_crash is not None:
+            self.on_crash(self.instance_id, now, comes_back)
 
     def shut_down(self) -> None:
         """Stop for good, unreported (the instance was unregistered): the work in flight is
@@ -530,5 +544,14 @@ class ReplicaProcess:
         if self.is_up:
             return
         self.is_up = True
-        self.events.on_instance_recovered(self.instance_id, self.clock.now())
+        now = self.clock.now()
+        self.events.on_instance_recovered(self.instance_id, now)
         self._poke()
+        if now < self._crashloop_until_s:  # the cause is still there: down again soon
+            crashes = self.num_crashes
+
+            def crash_again(_event: WakeUp) -> None:
+                if self.num_crashes == crashes:  # not already down (and up) again since
+                    self.crash(f"crash loop: down again {self._crash_after_s}s after a restart")
+
+            self.clock.call_later(self._crash_after_s, crash_again)
