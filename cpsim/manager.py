@@ -434,7 +434,8 @@ class ControlPlaneManager:
         """``available_instances`` counts the healthy instances not ejected from routing
         nor draining;
         ``ejected_instances`` says, for each ejected one, for how long and why;
-        ``draining_instances`` lists those finishing their requests before they leave."""
+        ``draining_instances`` lists those finishing their requests before they leave;
+        ``cut_kv_paths``: the PD KV paths the link policy has cut, and when each is probed."""
         views = self.core.instance_views()
         now = self._now()
         ejected = {}
@@ -464,6 +465,12 @@ class ControlPlaneManager:
             "ejected_instances": ejected,
             "draining_instances": [
                 v.instance_id for v in views if self.core.is_draining(v.instance_id)
+            ],
+            "cut_kv_paths": [
+                {"prefill": source, "decode": target, "probe_in_s": wait_s}
+                for source, target, wait_s in (
+                    self.core.links.cut_paths(now) if self.core.links is not None else []
+                )
             ],
         }
 

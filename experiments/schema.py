@@ -121,5 +121,6 @@ def register_serve() -> None:
         profile: Any = None
         backend: Any = None
         quotas: Any = None
+        links: Any = None
 
     ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

@@ -115,6 +115,7 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
     manager.router.use(instantiate(cfg.router), str(choices.get("router", "load_balanced")))
     manager.core.pd_policy = instantiate(cfg.pd) if pd_on else None
     manager.core.quotas = instantiate(cfg.quotas) if cfg.get("quotas") else None
+    manager.core.links = instantiate(cfg.links) if cfg.get("links") else None
     for instance in instances:
         manager.register_instance(instance)
     settings = ServerSettings(**OmegaConf.to_container(cfg.server, resolve=True))  # type: ignore[arg-type]

@@ -130,6 +130,10 @@ class LaunchedEngine:
     def is_healthy(self) -> bool:
         return _healthy(self.health_url)
 
+    def exited(self) -> bool:
+        """Whether the server was started and its process has exited since (a crash)."""
+        return self.process is not None and self.process.poll() is not None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the whole process group (SIGKILL: a crash)."""
         with contextlib.suppress(ProcessLookupError, AssertionError):
