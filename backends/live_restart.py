@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from cpsim.manager import ControlPlaneManager
 from cpsim.protocols import RestartPolicy
@@ -46,13 +46,17 @@ class SimEngine:
     restartable engine: crashed is exited, a start brings it back empty."""
 
     def __init__(self, manager: ControlPlaneManager, instance_id: str) -> None:
-        self._proc = manager.backend.replica_process(instance_id)  # type: ignore[attr-defined]
+        self.manager = manager
+        self.instance_id = instance_id
+
+    def _proc(self) -> Any:
+        return self.manager.backend.replica_process(self.instance_id)  # type: ignore[attr-defined]
 
     def exited(self) -> bool:
-        return not self._proc.is_up
+        return not self._proc().is_up
 
     def start(self) -> None:
-        self._proc.recover()
+        self._proc().recover()
 
     def wait_healthy(self, timeout_s: float) -> None:
         return None

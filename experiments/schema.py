@@ -122,5 +122,6 @@ def register_serve() -> None:
         backend: Any = None
         quotas: Any = None
         links: Any = None
+        restart: Any = None
 
     ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

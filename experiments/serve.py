@@ -119,7 +119,27 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
     for instance in instances:
         manager.register_instance(instance)
     settings = ServerSettings(**OmegaConf.to_container(cfg.server, resolve=True))  # type: ignore[arg-type]
-    return Gateway(manager, settings), engines
+    gateway = Gateway(manager, settings)
+    if cfg.get("restart"):
+        gateway.services.append(engine_supervisor(manager, instantiate(cfg.restart), engines))
+    return gateway, engines
+
+
+def engine_supervisor(manager: ControlPlaneManager, policy: Any, engines: list[Any]) -> Any:
+    """Restarts the engines cpsim runs when they die: the launcher's servers, or the
+    simulated replicas (engines already running elsewhere are not cpsim's to restart)."""
+    from backends.live_restart import EngineSupervisor, SimEngine
+    from backends.sim.live import SimBackend
+
+    if isinstance(manager.backend, SimBackend):
+        ids = [i.instance_id for i in manager.get_instances()]
+        return EngineSupervisor(manager, policy, {iid: SimEngine(manager, iid) for iid in ids})
+    if not engines:
+        raise ValueError(
+            "restart= needs engines cpsim starts (a cluster with `vllm:`) or backend=sim; "
+            "engines named by `endpoints:` are restarted by whoever runs them"
+        )
+    return EngineSupervisor(manager, policy, {e.instance.instance_id: e for e in engines})
 
 
 def serve(cfg: DictConfig, choices: Mapping[str, Any]) -> None:

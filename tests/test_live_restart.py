@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from backends.live_restart import EngineSupervisor, SimEngine
 from backends.sim.live import SimBackend
 from cpsim.manager import ControlPlaneManager
@@ -86,3 +88,30 @@ def test_an_engine_that_keeps_dying_is_given_up() -> None:
     assert [kind for _, kind, _ in events] == [
         "crash", "restart", "up", "crash", "restart", "up", "crash", "give up"
     ]  # fmt: skip
+
+
+def test_cpsim_serve_restarts_its_engines_with_restart_backoff() -> None:
+    pytest.importorskip("fastapi")
+    from experiments.serve import build_gateway
+    from tests.test_configs import compose_serve
+
+    cfg = compose_serve(["restart=backoff", "restart.initial_delay_s=1.0"])
+    gateway, _ = build_gateway(cfg, {})
+    (supervisor,) = gateway.services
+    assert isinstance(supervisor, EngineSupervisor)
+    assert set(supervisor.engines) == {"ondemand-0", "ondemand-1", "spot-0", "spot-1"}
+
+    async def main() -> list[tuple[float, str, str]]:
+        await gateway.start()
+        gateway.manager.backend.replica_process("spot-1").crash("killed by the test")
+        await until(lambda: any(kind == "up" for _, kind, _ in supervisor.events))
+        await gateway.stop()
+        return supervisor.events
+
+    events = asyncio.run(asyncio.wait_for(main(), 30.0))
+    assert [(kind, iid) for _, kind, iid in events] == [
+        ("crash", "spot-1"), ("restart", "spot-1"), ("up", "spot-1")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="restart= needs engines cpsim starts"):
+        build_gateway(compose_serve(["restart=backoff", "backend=vllm_http",
+                                     "cluster=vllm_endpoints"]), {})  # fmt: skip

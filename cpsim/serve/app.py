@@ -149,11 +149,16 @@ class Gateway:
         self.closing = False
         self._shutdown: asyncio.Task[None] | None = None
         self._clients: dict[str, _Client] = {}
+        #: What runs beside the manager (an engine supervisor): objects with async
+        #: ``start()`` and ``stop()``, started after the manager and stopped before it.
+        self.services: list[Any] = []
         manager.core.terminal_listeners.append(self._on_terminal)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.manager.start()
+        for service in self.services:
+            await service.start()
         if not self.api_keys:
             log.warning("no API key configured (server.api_keys, $CPSIM_API_KEYS): "
                         "the API is open to anyone who can reach it")
@@ -164,6 +169,8 @@ class Gateway:
     async def stop(self) -> None:
         """Cancel what is still in flight (reason ``shutdown``) and stop the manager."""
         self.closing = True
+        for service in reversed(self.services):
+            await service.stop()
         await self._cancel_in_flight()
         await self.manager.stop()
 
