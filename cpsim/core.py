@@ -441,9 +441,8 @@ class ControlPlane:
             self.on_failure(request_id, now, reason, instance_id=instance_id)
             return
         self.links.on_result(source, target, False, now)
-        req.failed_on += (target,)
-        self._release(req, now)
-        self._requeue_or_fail(req, now, reason, retryable=True, budgeted=True)
+        req.failed_on += (target,)  # the retry avoids it, but it is not counted against it
+        self.on_failure(request_id, now, reason, instance_id=instance_id, instance_fault=False)
 
     def fail_all(self, now: float, reason: str) -> list[str]:
         """Cancel everything still active (used when a driver stops)."""
