@@ -533,14 +533,8 @@ class ControlPlane:
         ``source`` open to the request (``_path_open``)."""
         if self.links is None or source is None:
             return self._decode_instance_up(req.view, views)
-        model = req.view.model_name
-        return any(
-            v.is_healthy
-            and v.instance_type in _PHASE_TYPES[_DECODE]
-            and (model is None or v.model_name == model)
-            and v.instance_id not in self._draining
-            and self._path_open(req, source, v.instance_id, now)
-            for v in views.values()
+        return self._decode_instance_up(
+            req.view, views, lambda target: self._path_open(req, source, target, now)
         )
 
     def _path_open(self, req: RequestState, source: str, target: str, now: float) -> bool:
@@ -553,15 +547,22 @@ class ControlPlane:
             return target not in req.failed_on and self.links.trusted(source, target)
         return self.links.allows(source, target, now)
 
-    def _decode_instance_up(self, rview: RequestView, views: dict[str, InstanceView]) -> bool:
+    def _decode_instance_up(
+        self,
+        rview: RequestView,
+        views: dict[str, InstanceView],
+        reachable: Callable[[str], bool] | None = None,
+    ) -> bool:
         """Whether an instance that decodes the request's model is up and not draining:
-        one that will take the hand-off once it has room."""
+        one that will take the hand-off once it has room (``reachable``: and whose id it
+        accepts)."""
         model = rview.model_name
         return any(
             v.is_healthy
             and v.instance_type in _PHASE_TYPES[_DECODE]
             and (model is None or v.model_name == model)
             and v.instance_id not in self._draining
+            and (reachable is None or reachable(v.instance_id))
             for v in views.values()
         )
 
