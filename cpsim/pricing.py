@@ -1,9 +1,9 @@
 """Which latency model prices each instance, and predictions with each instance's own.
 
 An instance is priced by the profile its group names (an error if that profile was measured
-for another model, GPU, TP or PP), else by the run's profile where it fits, else by a shipped
-profile measured for its model, GPU, TP and PP (``conf/profile/``), else by the analytical
-roofline; ``latency_for`` says which and why, so a run can report it. ``InstanceLatencyModels``
+for another model, GPU, TP or PP; ``roofline`` names the analytical model), else by the run's
+profile where it fits, else by a shipped profile measured for its model, GPU, TP and PP
+(``conf/profile/``), else by the analytical roofline; ``latency_for`` says which and why, so a run can report it. ``InstanceLatencyModels``
 lets a policy or the core predict a request on each instance with that instance's model.
 """
 
@@ -20,6 +20,9 @@ from cpsim.protocols import LatencyEstimate, LatencyModel
 from cpsim.roofline import RooflineLatencyModel
 from cpsim.types import ExecutionInstance
 from cpsim.views import InstanceView, RequestView
+
+
+ROOFLINE = "roofline"  # a group's ``profile: roofline``: the analytical model, by choice
 
 
 @cache
@@ -77,9 +80,13 @@ def latency_for(
     model_spec: ModelSpec | None = None,
 ) -> tuple[ProfiledLatencyModel | RooflineLatencyModel, str]:
     """The model that prices ``instance`` and a line saying which it is and why.
-    ``profile_name``: the profile its group names (it must fit); ``run_profile``: the run's
+    ``profile_name``: the profile its group names (it must fit; ``roofline``: the analytical
+    model even where a profile exists, to check one against the other); ``run_profile``: the run's
     ``profile=``, used where it fits; ``model_spec``: what the roofline prices (default:
     the instance's model)."""
+    if profile_name == ROOFLINE:
+        roofline = _roofline(instance, model_spec)
+        return roofline, f"roofline (its group's; {roofline.calibration_note})"
     if profile_name is not None:
         profile = load_profile(profile_name)
         wrong = misfit(profile, instance)
@@ -97,16 +104,20 @@ def latency_for(
     found = find_profile(instance)
     if found is not None:
         return found[1], f"profile {found[0]} (measured for its model, GPU, TP and PP)"
-    roofline = RooflineLatencyModel(
+    roofline = _roofline(instance, model_spec)
+    why = "no profile is measured for its model, GPU, TP and PP"
+    if run_profile is not None:
+        why = f"the run's profile was measured for {misfit(run_profile, instance)}, and {why}"
+    return roofline, f"roofline ({why}; {roofline.calibration_note})"
+
+
+def _roofline(instance: ExecutionInstance, model_spec: ModelSpec | None) -> RooflineLatencyModel:
+    return RooflineLatencyModel(
         model_spec or instance.model_name,
         instance.gpu_type,
         instance.tensor_parallel_size,
         instance.pipeline_parallel_size,
     )
-    why = "no profile is measured for its model, GPU, TP and PP"
-    if run_profile is not None:
-        why = f"the run's profile was measured for {misfit(run_profile, instance)}, and {why}"
-    return roofline, f"roofline ({why}; {roofline.calibration_note})"
 
 
 class InstanceLatencyModels:

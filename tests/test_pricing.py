@@ -63,6 +63,14 @@ def test_latency_for_picks_the_groups_then_the_runs_then_a_shipped_profile_then_
         latency_for(opt13b(2), "vllm-opt-13b-a100-80gb-tp4", run)
 
 
+def test_a_group_may_choose_the_roofline_where_a_profile_exists() -> None:
+    # to check the analytical model against a profile, or a replay priced by each
+    run = load_profile(TP1)
+    model, why = latency_for(opt13b(), "roofline", run)
+    assert isinstance(model, RooflineLatencyModel) and model.tensor_parallel_size == 1
+    assert why == "roofline (its group's; calibration vllm-a100-80gb)"
+
+
 def test_another_engines_profile_prices_an_instance_only_where_its_group_names_it() -> None:
     # DistServe's engine and vLLM 0.2.3 on Ray are profiled for OPT-13B at TP1 and TP2 too
     for tp in (1, 2):
