@@ -3,8 +3,9 @@
 An instance is priced by the profile its group names (an error if that profile was measured
 for another model, GPU, TP or PP; ``roofline`` names the analytical model), else by the run's
 profile where it fits, else by a shipped profile measured for its model, GPU, TP and PP
-(``conf/profile/``), else by the analytical roofline; ``latency_for`` says which and why, so a run can report it. ``InstanceLatencyModels``
-lets a policy or the core predict a request on each instance with that instance's model.
+(``conf/profile/``), else by the analytical roofline; ``latency_for`` says which and why, so
+a run can report it. ``InstanceLatencyModels`` lets a policy or the core predict a request on
+each instance with that instance's model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from cpsim.protocols import LatencyEstimate, LatencyModel
 from cpsim.roofline import RooflineLatencyModel
 from cpsim.types import ExecutionInstance
 from cpsim.views import InstanceView, RequestView
-
 
 ROOFLINE = "roofline"  # a group's ``profile: roofline``: the analytical model, by choice
 
