@@ -57,7 +57,11 @@ class SimInstanceLauncher:
 
     async def start(self, index: int) -> ExecutionInstance:
         await asyncio.sleep(self.cold_start_s)
-        return dataclasses.replace(self.template, instance_id=f"{self.prefix}-{index}")
+        return dataclasses.replace(
+            self.template,
+            instance_id=f"{self.prefix}-{index}",
+            metadata=dict(self.template.metadata),  # its own, not the template's
+        )
 
     async def stop(self, instance_id: str) -> None:
         return None
@@ -110,13 +114,18 @@ class LiveAutoscaler:
         self.observer.attach(self.manager.core)
         self._loop = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        """Stop ticking and wait for starts and drains in progress."""
+    async def stop(self, abandon: bool = False) -> None:
+        """Stop ticking and wait for starts and drains in progress; ``abandon``: call them
+        off instead (at shutdown: what the instances hold is cancelled anyway, and the
+        launcher stops every engine it started)."""
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
         pending = [*self.starting.values(), *self.draining.values()]
+        if abandon:
+            for task in pending:
+                task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self.observer.detach(self.manager.core)
@@ -201,3 +210,25 @@ class LiveAutoscaler:
             self.events.append((self.manager._now(), "stopped", instance_id))
 
         self.draining[instance_id] = asyncio.create_task(drain())
+
+
+class PoolAutoscaling:
+    """Several pools sized side by side, as one service beside a manager (the gateway's
+    ``services``): each ``(scaler, instances)`` pair is a pool's autoscaler and the ids of
+    its instances already registered, adopted at ``start``. ``stop`` calls off the starts
+    and drains in progress."""
+
+    def __init__(self, pools: list[tuple[LiveAutoscaler, list[str]]]) -> None:
+        self.pools = pools
+
+    @property
+    def scalers(self) -> list[LiveAutoscaler]:
+        return [scaler for scaler, _ in self.pools]
+
+    async def start(self) -> None:
+        for scaler, instances in self.pools:
+            await scaler.start(adopt=instances)
+
+    async def stop(self) -> None:
+        for scaler in self.scalers:
+            await scaler.stop(abandon=True)

@@ -123,5 +123,6 @@ def register_serve() -> None:
         quotas: Any = None
         links: Any = None
         restart: Any = None
+        autoscaling: Any = None
 
     ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

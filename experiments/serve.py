@@ -71,7 +71,13 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
     cluster: dict[str, Any] = OmegaConf.to_container(cfg.cluster, resolve=True)  # type: ignore[assignment]
     backend = instantiate(cfg.backend)
     pd_on = bool(cfg.get("pd"))
+    if cfg.get("restart") and cfg.get("autoscaling"):
+        raise ValueError(
+            "restart= and autoscaling= together are not supported: the engine supervisor "
+            "watches the engines of start-up, not those the autoscaler starts; choose one"
+        )
     engines: list[Any] = []
+    launcher: Any = None
     if isinstance(backend, SimBackend):
         backend.token_reports = "step"  # clients see tokens as the engine steps
         instances = build_instances(cluster, pd_on)
@@ -84,8 +90,13 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
         if pd_on and not section.get("kv_shared_storage_path"):
             raise ValueError("pd needs cluster.vllm.kv_shared_storage_path (a KV connector)")
         log.info("starting %s vLLM servers ...", section.get("num_instances", 1))
-        engines = launch(cluster)
-        instances = [e.instance for e in engines]
+        if cfg.get("autoscaling"):
+            launcher = vllm_pool_launcher(cluster, pd_on)
+            instances = launcher.start_first(int(section.get("num_instances", 1)))
+            engines = launcher.engines  # stopping one never started does nothing
+        else:
+            engines = launch(cluster)
+            instances = [e.instance for e in engines]
     else:
         raise ValueError(
             f"cluster {choices.get('cluster')!r} names no engines for backend "
@@ -122,7 +133,98 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
     gateway = Gateway(manager, settings)
     if cfg.get("restart"):
         gateway.services.append(engine_supervisor(manager, instantiate(cfg.restart), engines))
+    if cfg.get("autoscaling"):
+        scaling = pool_autoscaling(manager, cfg.autoscaling, cluster, pd_on, instances,
+                                   launcher, drain_timeout_s=settings.drain_timeout_s)  # fmt: skip
+        gateway.services.append(scaling)
     return gateway, engines
+
+
+def vllm_pool_launcher(cluster: Mapping[str, Any], pd_on: bool) -> Any:
+    """The launcher of an autoscaled pool of vLLM servers: up to the cluster group's
+    ``max_count`` engines, ``vllm.num_instances`` of them started first."""
+    from backends.vllm.pool_launcher import VLLMInstanceLauncher
+
+    if pd_on:
+        raise ValueError(
+            "autoscaling= over launched vLLM servers serves one pool of general engines; "
+            "with pd, autoscale simulated replicas (backend=sim)"
+        )
+    section = dict(cluster["vllm"])
+    low, high = vllm_pool_bounds(cluster)
+    log.info("autoscaling vLLM servers: %d to %d", low, high)
+    return VLLMInstanceLauncher(
+        cluster,
+        max_instances=high,
+        health_timeout_s=float(section.get("health_timeout_s", 240.0)),
+        log_dir=section.get("log_dir"),
+    )
+
+
+def vllm_pool_bounds(cluster: Mapping[str, Any]) -> tuple[int, int]:
+    """``min_count``, ``max_count`` of the cluster's (one) group, each defaulting to
+    ``vllm.num_instances``, which must lie between them."""
+    start = int(cluster["vllm"].get("num_instances", 1))
+    group = (cluster.get("groups") or [{}])[0]
+    low, high = int(group.get("min_count", start)), int(group.get("max_count", start))
+    if not low <= start <= high:
+        raise ValueError(
+            f"cluster.vllm.num_instances={start} must lie within the group's "
+            f"min_count={low} and max_count={high}"
+        )
+    return low, high
+
+
+def pool_autoscaling(
+    manager: ControlPlaneManager,
+    node: DictConfig,
+    cluster: Mapping[str, Any],
+    pd_on: bool,
+    instances: list[ExecutionInstance],
+    launcher: Any = None,
+    drain_timeout_s: float = 600.0,
+) -> Any:
+    """An autoscaler (``node``, one per pool) sizing the pools of the gateway: over launched
+    vLLM servers (``launcher``), their one pool; over simulated replicas, one pool per
+    cluster group between its ``min_count`` and ``max_count``, each new replica like the
+    group's first, serving ``cluster.cold_start_s`` simulated seconds after it is asked for
+    (as in a simulation run)."""
+    from backends.live_autoscale import LiveAutoscaler, PoolAutoscaling, SimInstanceLauncher
+    from backends.sim.live import SimBackend
+
+    if launcher is not None:
+        low, high = vllm_pool_bounds(cluster)
+        scaler = LiveAutoscaler(manager, instantiate(node), launcher, low, high,
+                                pool=str(cluster["vllm"].get("name_prefix", "engine")),
+                                drain_timeout_s=drain_timeout_s)  # fmt: skip
+        return PoolAutoscaling([(scaler, [i.instance_id for i in instances])])
+    if not isinstance(manager.backend, SimBackend):
+        raise ValueError(
+            "autoscaling= needs engines cpsim starts (a cluster with `vllm:`) or backend=sim; "
+            "engines named by `endpoints:` are scaled by whoever runs them"
+        )
+    key = "pd_groups" if pd_on else "groups"
+    cold_start_s = float(cluster.get("cold_start_s", 60.0)) / manager.backend.time_scale
+    pools = []
+    for group in cluster[key]:
+        name = group["name"]
+        members = [i for i in instances if i.metadata.get("pool") == name]
+        count = len(members)
+        # the group's first instance, as it would be built (also for a group of count 0)
+        template = members[0] if members else build_instances(
+            {**cluster, key: [{**group, "count": 1}]}, pd_on
+        )[0]
+        scaler = LiveAutoscaler(
+            manager,
+            instantiate(node),
+            SimInstanceLauncher(template, cold_start_s=cold_start_s, prefix=name),
+            min_instances=int(group.get("min_count", count)),
+            max_instances=int(group.get("max_count", count)),
+            pool=name,
+            drain_timeout_s=drain_timeout_s,
+        )
+        pools.append((scaler, [i.instance_id for i in members]))
+    return PoolAutoscaling(pools)
 
 
 def engine_supervisor(manager: ControlPlaneManager, policy: Any, engines: list[Any]) -> Any:

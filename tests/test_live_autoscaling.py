@@ -73,3 +73,76 @@ def test_bad_bounds_name_the_value() -> None:
             LiveAutoscaler(cp, TargetUtilizationScaler(), SimInstanceLauncher(TEMPLATE), 2, 1)
 
     asyncio.run(main())
+
+
+def test_cpsim_serve_autoscales_each_pool_within_its_groups_bounds() -> None:
+    pytest.importorskip("fastapi")
+    from backends.live_autoscale import PoolAutoscaling
+    from experiments.serve import build_gateway
+    from tests.test_configs import compose_serve
+
+    cfg = compose_serve([
+        "autoscaling=target_utilization", "autoscaling.interval_s=1.0",
+        "autoscaling.scale_in_window_s=5.0", "autoscaling.target_utilization=0.5",
+        "cluster=autoscale_opt13b", "cluster.cold_start_s=3.0", "backend.time_scale=10.0",
+        "cluster.groups.0.count=1", "cluster.groups.0.max_count=3",
+        "cluster.groups.0.max_concurrent_requests=4",
+    ])  # fmt: skip
+    gateway, _ = build_gateway(cfg, {})
+    (scaling,) = gateway.services
+    assert isinstance(scaling, PoolAutoscaling)
+    (scaler,) = scaling.scalers
+    assert (scaler.pool, scaler.min_instances, scaler.max_instances) == ("engine", 1, 3)
+    assert scaler.launcher.cold_start_s == pytest.approx(0.3)  # simulated seconds / time_scale
+
+    async def main() -> tuple:
+        cp = gateway.manager
+        await gateway.start()
+        for i in range(30):
+            await cp.submit_request(
+                RequestMetadata(f"r{i}", num_prompt_tokens=200, max_tokens=200)
+            )  # fmt: skip
+        await cp.drain(timeout_s=120)
+        grown = len(cp.get_instances())
+        for _ in range(200):  # the lull: back to one instance
+            if len(scaler.serving) == 1 and not scaler.draining:
+                break
+            await asyncio.sleep(0.05)
+        records = cp.get_request_records()
+        await gateway.stop()
+        return grown, records, list(scaler.serving)
+
+    grown, records, serving = asyncio.run(asyncio.wait_for(main(), 180.0))
+    assert grown == 3 and serving == ["engine-0"]
+    assert len(records) == 30 and (records["status"] == "COMPLETED").all()
+    assert {"engine-1", "engine-2"} & set(records["instance_id"].astype(str))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["autoscaling=queue_slo", "restart=backoff"], "restart= and autoscaling= together"),
+        (["autoscaling=queue_slo", "backend=vllm_http", "cluster=vllm_endpoints"],
+         "autoscaling= needs engines cpsim starts"),
+    ],
+)
+def test_cpsim_serve_refuses_autoscaling_it_cannot_carry_out(
+    overrides: list[str], message: str
+) -> None:
+    pytest.importorskip("fastapi")
+    from experiments.serve import build_gateway
+    from tests.test_configs import compose_serve
+
+    with pytest.raises(ValueError, match=message):
+        build_gateway(compose_serve(overrides), {})
+
+
+def test_an_autoscaled_vllm_pool_starts_within_its_groups_bounds() -> None:
+    from experiments.serve import vllm_pool_bounds
+
+    cluster = {"vllm": {"num_instances": 1}, "groups": [{"name": "engine", "max_count": 3}]}
+    assert vllm_pool_bounds(cluster) == (1, 3)
+    cluster["groups"][0]["min_count"] = 2
+    with pytest.raises(ValueError, match=r"num_instances=1 must lie within the group's "
+                                         r"min_count=2 and max_count=3"):
+        vllm_pool_bounds(cluster)

@@ -52,6 +52,26 @@ class VLLMInstanceLauncher:
             raise
         return engine.instance
 
+    def start_first(self, count: int) -> list[ExecutionInstance]:
+        """Start engines 0..count-1 together and return their instances once all answer
+        their health check (at start-up, before an event loop runs). On a failure, stops
+        them and raises."""
+        if not 0 <= count <= len(self.engines):
+            raise ValueError(
+                f"count={count} is outside the 0..{len(self.engines)} engines this launcher plans"
+            )
+        first = self.engines[:count]
+        for engine in first:
+            engine.start()
+            self._running[engine.instance.instance_id] = engine
+        try:
+            for engine in first:
+                engine.wait_healthy(self.health_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return [engine.instance for engine in first]
+
     async def stop(self, instance_id: str) -> None:
         engine = self._running.pop(instance_id, None)
         if engine is not None:
