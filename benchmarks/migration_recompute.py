@@ -39,11 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 async def stream(
-    session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: list[int],
+    max_tokens: int,
+    model: str = "tiny-llama",
 ) -> tuple[float, list[float], list[int]]:
     """(TTFT s, the gaps between later tokens s, the token ids) of one streamed completion."""
     body = {
-        "model": "tiny-llama",
+        "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "ignore_eos": True,

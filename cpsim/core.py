@@ -560,7 +560,7 @@ class ControlPlane:
         return any(
             v.is_healthy
             and v.instance_type in _PHASE_TYPES[_DECODE]
-            and (model is None or v.model_name == model)
+            and v.serves(model)
             and v.instance_id not in self._draining
             and (reachable is None or reachable(v.instance_id))
             for v in views.values()
@@ -668,13 +668,13 @@ class ControlPlane:
         targets (``_within_targets``). ``avoid``: the instances that failed the request."""
         model = rview.model_name
         types = self._types_for(phase, views)
-        # ``v.has_capacity``, inlined (a property call per instance per request adds up)
+        # ``v.has_capacity`` and ``v.serves``, inlined (a call per instance per request adds up)
         cands = [
             v
             for v in views.values()
             if v.is_healthy
             and v.in_flight < v.max_concurrent_requests
-            and (model is None or v.model_name == model)
+            and (model is None or v.model_name == model or model in v.adapters)
             and (types is None or v.instance_type in types)
         ]
         if cands and self._draining:
@@ -711,7 +711,7 @@ class ControlPlane:
             return kept
         if any(
             v.is_healthy
-            and (model is None or v.model_name == model)
+            and v.serves(model)
             and (types is None or v.instance_type in types)
             and v.instance_id not in ejected
             and v.instance_id not in avoid
@@ -921,7 +921,7 @@ class ControlPlane:
         model = req.view.model_name
         if view.instance_type not in _PHASE_TYPES[_DECODE]:
             return f"instance {target_id} is {view.instance_type.value}; it does not decode"
-        if model is not None and view.model_name != model:
+        if not view.serves(model):
             return f"instance {target_id} serves {view.model_name!r}, not {model!r}"
         if target_id in self._draining or target_id in self._ejected:
             return f"instance {target_id} takes no new requests (draining or ejected)"

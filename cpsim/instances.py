@@ -27,6 +27,7 @@ class InstanceState:
     all requests add up to the instance's busy cost exactly."""
 
     __slots__ = (
+        "_adapters",
         "_changed",
         "_cost_per_s",
         "_head",
@@ -78,6 +79,7 @@ class InstanceState:
             i.gpu_memory_gb,
             i.cost_per_gpu_hour,
         )
+        self._adapters = frozenset(str(a) for a in i.metadata.get("lora_adapters") or ())
         self._cost_per_s = i.cost_per_hour / 3600.0
         self.gpu_memory_total_gb = i.gpu_memory_gb * i.num_gpus
         self.in_flight: dict[str, RequestState] = {}
@@ -243,6 +245,7 @@ class InstanceState:
                     self.recent_ttft_ms,
                     self.recent_tpot_ms,
                     self.outliers.error_rate,
+                    self._adapters,
                 ),
             )
         return view

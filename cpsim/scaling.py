@@ -10,7 +10,7 @@ instances.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from cpsim.core import ControlPlane
@@ -111,10 +111,13 @@ def pool_view(
     queued: dict[str | None, int],
     now: float,
     interval_s: float,
+    adapters: Collection[str] = (),
 ) -> PoolView:
     """The pool as its autoscaler sees it: its serving instances' load, and the requests for
-    its model (and those that named no model) queued and counted since the last tick."""
-    mine = PoolCounts.total(c for m, c in counts.items() if m in (None, model))
+    its model or its LoRA ``adapters`` (and those that named no model) queued and counted
+    since the last tick."""
+    served = {None, model, *adapters}
+    mine = PoolCounts.total(c for m, c in counts.items() if m in served)
     return PoolView(
         pool=pool,
         time_s=now,
@@ -125,7 +128,7 @@ def pool_view(
         min_instances=min_instances,
         max_instances=max_instances,
         max_concurrent_per_instance=max_concurrent_per_instance,
-        queued=sum(n for m, n in queued.items() if m in (None, model)),
+        queued=sum(n for m, n in queued.items() if m in served),
         in_flight=sum(core.num_on_instance(iid) for iid in serving),
         arrivals_per_s=mine.arrivals / interval_s,
         completions_per_s=mine.completed / interval_s,

@@ -117,6 +117,14 @@ class InstanceView(NamedTuple):
     #: failed fraction of the instance's recent requests (``cpsim.outliers``): routers count
     #: it as load, so an instance that fails fast does not look idle
     recent_error_rate: float = 0.0
+    #: the LoRA adapters it serves beside its base model (``metadata["lora_adapters"]``):
+    #: a request naming one as its model may run here
+    adapters: frozenset[str] = frozenset()
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for ``model`` (None: any) may run here: the base model, or
+        one of its adapters."""
+        return model is None or model == self.model_name or model in self.adapters
 
     @property
     def load_frac(self) -> float:

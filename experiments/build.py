@@ -42,7 +42,11 @@ GROUP_KEYS = {
     "model",  # the group's own model (default: the cluster's): several models at once
     "min_count",  # autoscaling bounds of the group's pool (default: count, a fixed pool)
     "max_count",
+    "lora_adapters",  # LoRA adapters served beside the base model (requests name them)
+    "max_loras",  # distinct adapters one batch may hold (vLLM's --max-loras)
+    "lora_step_overhead_frac",  # a step's extra cost while an adapter runs
 }
+LORA_KEYS = ("lora_adapters", "max_loras", "lora_step_overhead_frac")
 
 
 @dataclass
@@ -96,7 +100,8 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                     ),
                     # the group's own profile (conf/profile/): prices its replicas; its pool
                     metadata={"pool": group["name"]}
-                    | ({"profile": group["profile"]} if group.get("profile") else {}),
+                    | ({"profile": group["profile"]} if group.get("profile") else {})
+                    | {key: group[key] for key in LORA_KEYS if group.get(key) is not None},
                 )
             )
     return out

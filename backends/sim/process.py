@@ -309,7 +309,8 @@ class ReplicaProcess:
         self._plan = plan
         self._state = _BUSY
         self._step_start_s = now
-        self._wait(rep.latency.step_time_s(plan.batch) * self._slowdown, self._end_step)
+        scale = self._slowdown * rep.step_factor()
+        self._wait(rep.latency.step_time_s(plan.batch) * scale, self._end_step)
 
     def _end_step(self, now: float) -> None:
         plan, self._plan = self._plan, None
@@ -320,7 +321,8 @@ class ReplicaProcess:
         self._next(now)
 
     def _start_run(self, horizon: int, now: float) -> None:
-        rep, scale = self.replica, self._slowdown
+        rep = self.replica
+        scale = self._slowdown * rep.step_factor()
         linear = rep.decode_run_linear_s(horizon)
         if linear is not None:
             first, increment = self._run_linear = (linear[0] * scale, linear[1] * scale)

@@ -51,6 +51,12 @@ class ReplicaConfig:
     # 0.5's default scheduler (and DistServe's), where a step that admits waiting prompts
     # computes only them and the running decodes stall for it
     scheduler: str = "mixed"
+    # LoRA (vLLM's --enable-lora): the adapters it serves, how many distinct ones a batch may
+    # hold (a request whose adapter would exceed it waits: vLLM's scheduler skips it), and
+    # what a step with any adapter in it costs beyond the base model's (the LoRA kernels)
+    lora_adapters: tuple[str, ...] = ()
+    max_loras: int = 1
+    lora_step_overhead_frac: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("scheduler", self.scheduler, SCHEDULERS)
@@ -63,13 +69,15 @@ class ReplicaConfig:
         if self.num_gpu_blocks is not None:
             check_positive("num_gpu_blocks", self.num_gpu_blocks, integer=True)
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
+        check_positive("max_loras", self.max_loras, integer=True)
+        check_non_negative("lora_step_overhead_frac", self.lora_step_overhead_frac)
 
     @classmethod
     def from_instance(cls, instance: ExecutionInstance, **overrides: Any) -> ReplicaConfig:
-        """An ExecutionInstance's engine knobs: its PrefillingConfig and DecodingConfig, and
-        its sequence limit (``ExecutionInstance.max_num_seqs``: the seed's
+        """An ExecutionInstance's engine knobs: its PrefillingConfig and DecodingConfig, its
+        sequence limit (``ExecutionInstance.max_num_seqs``: the seed's
         ``target_batch_size`` / ``max_parallel_requests``, capped by
-        ``max_concurrent_requests``)."""
+        ``max_concurrent_requests``), and the LoRA keys of its metadata."""
         pre = instance.prefilling_config or PrefillingConfig()
         dec = instance.decoding_config or DecodingConfig()
         values: dict[str, Any] = {
@@ -80,6 +88,13 @@ class ReplicaConfig:
             "block_size": dec.block_size,
             "enable_prefix_caching": dec.enable_prefix_caching,
         }
+        # LoRA, from the instance's metadata (a cluster group's ``lora_adapters:`` ...)
+        meta = instance.metadata
+        if meta.get("lora_adapters"):
+            values["lora_adapters"] = tuple(str(a) for a in meta["lora_adapters"])
+        for key in ("max_loras", "lora_step_overhead_frac"):
+            if meta.get(key) is not None:
+                values[key] = meta[key]
         values.update(overrides)
         return cls(**values)
 
@@ -112,6 +127,8 @@ class SimReplica:
         self._requests: dict[str, SimRequest] = {}
         self._plan: StepPlan | None = None
         self._deferred_aborts: list[tuple[str, str]] = []
+        self._adapters = frozenset(config.lora_adapters)
+        self._loras: dict[str, int] = {}  # running requests per adapter
         self._vectorised = getattr(latency, "decode_step_times_s", None)
         self._linear = getattr(latency, "decode_step_linear_s", None)
         self.num_steps = 0
@@ -170,6 +187,8 @@ class SimReplica:
             raise ValueError(f"request_id={req.request_id!r} is already on {self.instance_id}")
         if req.status != 0 or req.num_computed_tokens or req.num_output_tokens:
             raise ValueError(f"request {req.request_id!r} was already used on a replica")
+        if req.lora is not None and req.lora not in self._adapters:
+            req.lora = None  # the base model's name, or an adapter it does not serve
         self._requests[req.request_id] = req
         self._waiting.append(req)
 
@@ -207,6 +226,7 @@ class SimReplica:
         self.pool = BlockPool(self.pool.num_blocks)
         self._waiting.clear()
         self._running.clear()
+        self._loras.clear()
         self._explicit.clear()
         self._decode = DecodeSet(self.block_size)
         self._requests.clear()
@@ -221,6 +241,7 @@ class SimReplica:
         if rid in self._running:
             del self._running[rid]
             self._explicit.pop(rid, None)
+            self._lora_stopped(req)
         elif req.status != RUNNING:
             self._waiting.remove(req)
         self._free(req)
@@ -242,6 +263,7 @@ class SimReplica:
             self._decode.leave(req)
         del self._running[req.request_id]
         self._explicit.pop(req.request_id, None)
+        self._lora_stopped(req)
         self._free(req)
         req.num_computed_tokens = 0
         req.num_registered_blocks = 0
@@ -250,6 +272,29 @@ class SimReplica:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ LoRA
+    def lora_admissible(self, req: SimRequest) -> bool:
+        """Whether admitting ``req`` keeps the running batch within ``max_loras`` adapters."""
+        lora = req.lora
+        return lora is None or lora in self._loras or len(self._loras) < self.config.max_loras
+
+    def lora_started(self, req: SimRequest) -> None:
+        if req.lora is not None:
+            self._loras[req.lora] = self._loras.get(req.lora, 0) + 1
+
+    def _lora_stopped(self, req: SimRequest) -> None:
+        lora = req.lora
+        if lora is not None:
+            left = self._loras[lora] - 1
+            if left:
+                self._loras[lora] = left
+            else:
+                del self._loras[lora]
+
+    def step_factor(self) -> float:
+        """What a step costs over the base model's: more while an adapter runs."""
+        return 1.0 + self.config.lora_step_overhead_frac if self._loras else 1.0
 
     # ------------------------------------------------------------------ stepping
     def schedule(self) -> StepPlan:
@@ -363,6 +408,7 @@ class SimReplica:
         rid = req.request_id
         del self._running[rid]
         self._explicit.pop(rid, None)
+        self._lora_stopped(req)
         self._free(req)
         del self._requests[rid]
         req.status = FINISHED
@@ -382,3 +428,8 @@ class SimReplica:
         in_use = self.pool.num_blocks - self.pool.num_free
         shared = {h for r in self._running.values() for h in r.held_hashes}
         assert in_use == held_private + len(shared), (in_use, held_private, len(shared))
+        loras: dict[str, int] = {}
+        for req in self._running.values():
+            if req.lora is not None:
+                loras[req.lora] = loras.get(req.lora, 0) + 1
+        assert loras == self._loras and len(loras) <= self.config.max_loras, (loras, self._loras)

@@ -41,6 +41,7 @@ class SimRequest:
         "first_token_time_s",
         "held_hashes",
         "kv_arrival_s",
+        "lora",
         "max_tokens",
         "num_blocks",
         "num_computed_tokens",
@@ -75,6 +76,9 @@ class SimRequest:
             block_hashes, prompt_cached = tuple(block_hashes), bool(prompt_cached)
             arrival_time_s = float(arrival_time_s)
         self.request_id = request_id
+        #: the LoRA adapter it runs with (None: the base model); the replica keeps a model
+        #: name only when it serves that adapter
+        self.lora: str | None = None
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
         self.block_hashes = block_hashes
@@ -107,7 +111,7 @@ class SimRequest:
     ) -> SimRequest:
         """The replica-side request for one dispatch: PREFILL generates 1 token, DECODE starts
         from a handed-off prompt, FULL does both; hashes at the replica's block size."""
-        return cls(
+        req = cls(
             meta.request_id,
             max(1, meta.prompt_tokens),
             1 if phase is Phase.PREFILL else int(meta.max_tokens),
@@ -116,6 +120,8 @@ class SimRequest:
             float(arrival_time_s),
             validate=False,
         )
+        req.lora = meta.model_name
+        return req
 
     @property
     def num_tokens(self) -> int:

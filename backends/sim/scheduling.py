@@ -162,6 +162,9 @@ def _admit_waiting(
         if len(rep._running) >= cfg.max_num_seqs:
             break
         req = waiting[0]
+        if not rep.lora_admissible(req):  # its adapter would exceed max_loras: it waits
+            skipped.append(waiting.popleft())
+            continue
         hit_blocks, computed, num, need = _admission_needs(rep, req, budget)
         if num == 0:
             skipped.append(waiting.popleft())
@@ -186,6 +189,7 @@ def _admit_waiting(
                 rep.num_prefix_hit_tokens += req.num_prefix_hit_tokens
         req.status = RUNNING
         rep._running[req.request_id] = req
+        rep.lora_started(req)
         rep._explicit[req.request_id] = req
         chunks.append((req, num))
         new_ids.append(req.request_id)
@@ -204,6 +208,8 @@ def admission_possible(rep: SimReplica, reserved_blocks: int) -> bool:
         return False
     free = rep.pool.num_free - reserved_blocks
     for req in rep._waiting:
+        if not rep.lora_admissible(req):
+            continue
         _, _, num, need = _admission_needs(rep, req, budget)
         if num == 0:
             continue

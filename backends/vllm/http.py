@@ -41,6 +41,7 @@ class _Server:
     vocab_size: int
     healthy: bool = True
     failures: int = 0
+    adapters: frozenset[str] = frozenset()  # LoRA adapters it serves (requests name them)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
@@ -123,7 +124,9 @@ class HTTPBackend:
         if iid in self._servers:
             raise ValueError(f"instance_id={iid!r} is already added")
         vocab = int(instance.metadata.get("vocab_size", 32000))
-        server = _Server(iid, instance.endpoint, MetricsScraper(iid), vocab, healthy=False)
+        adapters = frozenset(instance.metadata.get("lora_adapters") or ())
+        server = _Server(iid, instance.endpoint, MetricsScraper(iid), vocab, healthy=False,
+                         adapters=adapters)  # fmt: skip
         self._servers[iid] = server
         server.healthy = await self._answers_health(server)  # up from the start: no event
         return server.healthy
@@ -184,6 +187,8 @@ class HTTPBackend:
         extra = dict(self.extra_body)
         if self.model is not None:
             extra["model"] = self.model
+        if d.request.model_name in server.adapters:  # the engine serves it as a model
+            extra["model"] = d.request.model_name
         if d.phase is Phase.PREFILL:
             extra["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
         elif d.phase is Phase.DECODE:

@@ -230,6 +230,8 @@ def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> l
     metadata: dict[str, Any] = {"vocab_size": _vocab_size(model_dir), "launched": True}
     if args.get("max_model_len") is not None:
         metadata["max_model_len"] = int(args["max_model_len"])  # the gateway checks it
+    adapters, lora_args = _lora(c, Path(model_dir), logs)
+    lora_engines = set(range(num) if c.get("lora_engines") is None else c["lora_engines"])
     engines = []
     for i in range(num):
         port = base_port + i
@@ -240,7 +242,7 @@ def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> l
             str(c.get("python") or sys.executable),
             "-m",
             "vllm.entrypoints.openai.api_server",
-            *server_cli_args(args),
+            *server_cli_args({**args, **lora_args} if i in lora_engines else args),
             "--host",
             host,
             "--port",
@@ -258,10 +260,38 @@ def plan(cluster_cfg: Mapping[str, Any], log_dir: str | Path | None = None) -> l
             cost_per_gpu_hour=0.0,
             max_concurrent_requests=int(c.get("max_concurrent_requests", 64)),
             instance_type=types[i % len(types)],
-            metadata=dict(metadata),
+            metadata=dict(metadata) | (
+                {"lora_adapters": sorted(adapters)} if adapters and i in lora_engines else {}
+            ),
         )
         engines.append(LaunchedEngine(instance, command, env, logs / f"{iid}.log"))
     return engines
+
+
+def _lora(
+    c: Mapping[str, Any], model_dir: Path, logs: Path
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The LoRA adapters of the launcher settings (``lora_modules``: name -> folder;
+    ``made_up_lora_adapters``: names of random adapters written for a dummy-weight model)
+    and the server flags that serve them (none without adapters)."""
+    adapters = {str(k): str(v) for k, v in dict(c.get("lora_modules") or {}).items()}
+    made_up = list(c.get("made_up_lora_adapters") or [])
+    rank = int(c.get("max_lora_rank", 8))
+    if made_up:
+        from backends.vllm.tiny_lora import write_tiny_adapter
+
+        for seed, name in enumerate(made_up):
+            adapters[str(name)] = str(write_tiny_adapter(logs / "lora" / str(name), model_dir,
+                                                         rank=rank, seed=seed))  # fmt: skip
+    if not adapters:
+        return {}, {}
+    flags = {
+        "enable_lora": True,
+        "max_loras": int(c.get("max_loras", 1)),
+        "max_lora_rank": rank,
+        "lora_modules": [f"{name}={path}" for name, path in adapters.items()],
+    }
+    return adapters, flags
 
 
 def launch(

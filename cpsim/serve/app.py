@@ -199,15 +199,25 @@ class Gateway:
 
     # ------------------------------------------------------------------ models
     def models(self) -> dict[str, int | None]:
-        """The models the registered instances serve, each with its context limit."""
+        """The models the registered instances serve (and their LoRA adapters), each with
+        its context limit."""
         out: dict[str, int | None] = {}
         for inst in self.manager.get_instances():
             limit = self.settings.max_model_len.get(inst.model_name)
             if limit is None and inst.metadata.get("max_model_len") is not None:
                 limit = int(inst.metadata["max_model_len"])
-            if inst.model_name not in out or limit is not None:
-                out[inst.model_name] = limit
+            for name in (inst.model_name, *(inst.metadata.get("lora_adapters") or ())):
+                if name not in out or limit is not None:
+                    out[name] = limit
         return out
+
+    def adapter_parents(self) -> dict[str, str]:
+        """Each LoRA adapter the instances serve -> its base model."""
+        return {
+            str(adapter): inst.model_name
+            for inst in self.manager.get_instances()
+            for adapter in inst.metadata.get("lora_adapters") or ()
+        }
 
     # ------------------------------------------------------------------ auth
     @staticmethod
@@ -477,11 +487,12 @@ def create_app(
     async def models(request: Request) -> dict[str, Any]:
         gateway.authenticate(request)
         created = int(time.time())
+        parents = gateway.adapter_parents()  # as vLLM lists an adapter: its base as parent
         return {
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": created, "owned_by": "cpsim",
-                 "max_model_len": limit}
+                 "max_model_len": limit, "parent": parents.get(name)}
                 for name, limit in sorted(gateway.models().items())
             ],
         }

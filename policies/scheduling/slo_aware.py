@@ -22,9 +22,7 @@ def serving_instances(
 ) -> list[InstanceView]:
     """Healthy instances serving the request's model (any model when it names none)."""
     model = request.model_name
-    return [
-        v for v in instances if v.is_healthy and (model is None or v.model_name == model)
-    ]
+    return [v for v in instances if v.is_healthy and v.serves(model)]
 
 
 class SLOAwarePolicy(BaseSchedulingPolicy):

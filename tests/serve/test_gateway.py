@@ -486,3 +486,28 @@ def test_ready_says_whether_any_instance_can_serve() -> None:
             assert resp.is_success  # the one model served, when none is named
 
     run(main())
+
+
+def test_lora_adapters_are_models_served_only_where_loaded() -> None:
+    # sim-0 serves the adapter "sql" beside the base model, sim-1 the base model only
+    instances = sim_instances(2)
+    instances[0].metadata.update(lora_adapters=["sql"], max_loras=2)
+
+    async def main() -> None:
+        async with running_gateway(instances) as (gw, url), client(url) as c:
+            models = {m.id: m for m in (await c.models.list()).data}
+            assert set(models) == {MODEL, "sql"}
+            assert models["sql"].model_extra["parent"] == MODEL
+            assert models[MODEL].model_extra["parent"] is None
+            for _ in range(6):
+                done = await c.completions.create(model="sql", prompt="q", max_tokens=3)
+                assert done.model == "sql" and done.usage.completion_tokens == 3
+            with pytest.raises(openai.NotFoundError, match="nosuch"):
+                await c.completions.create(model="nosuch", prompt="q", max_tokens=3)
+            await c.completions.create(model=MODEL, prompt="q", max_tokens=3)
+            records = gw.manager.get_request_records()
+            on = records[records["model_name"].astype(str) == "sql"]["instance_id"]
+            assert set(on.astype(str)) == {"sim-0"}
+            assert set(gw.manager.get_metrics().models) == {MODEL, "sql"}
+
+    run(main())
