@@ -117,7 +117,7 @@ def core_config(core: Mapping[str, Any]) -> ControlPlaneConfig:
 
 def build_replicas(
     cluster: Mapping[str, Any],
-    profile: ProfiledLatencyModel,
+    profile: ProfiledLatencyModel | None,
     pd_enabled: bool,
     faults: list[Mapping[str, Any]] | None = None,
 ) -> list[ReplicaSpec]:
@@ -196,19 +196,23 @@ def build_pools(
 def build_run(cfg: DictConfig, labels: Mapping[str, str] | None = None) -> RunSetup:
     """Instantiate the policy, router, PD policy, profile, workload and cluster of ``cfg``.
     ``labels`` name the run in tables (default: the group options' class names)."""
-    profile = instantiate(cfg.profile)
+    # ``profile=null``: none for the run; each instance priced by its group's profile, a
+    # shipped one measured for it, or the analytical model
+    profile = instantiate(cfg.profile) if cfg.get("profile") else None
     cluster = _plain(cfg.cluster)
-    if profile.model not in (cluster["model"], load_model_spec(cluster["model"]).name):
+    if profile is not None and profile.model not in (
+        cluster["model"], load_model_spec(cluster["model"]).name
+    ):  # fmt: skip
         raise ValueError(
             f"profile model {profile.model!r} does not match cluster model {cluster['model']!r}; "
-            "choose a profile measured for the cluster's model"
+            "choose a profile measured for the cluster's model, or none (override `~profile`)"
         )
     pd_policy = instantiate(cfg.pd) if cfg.get("pd") else None
     config = core_config(_plain(cfg.core))
     replicas = build_replicas(cluster, profile, pd_policy is not None, _plain(cfg.get("faults")))
     # policies predict each instance with the model that prices it
     per_instance = InstanceLatencyModels(
-        {r.instance.instance_id: r.latency for r in replicas}, profile
+        {r.instance.instance_id: r.latency for r in replicas}, profile or replicas[0].latency
     )
     core = ControlPlane(
         policy=_with_latency_model(cfg.policy, per_instance),

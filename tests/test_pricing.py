@@ -126,3 +126,14 @@ def test_the_live_simulated_backend_prices_instances_the_same_way() -> None:
     wrong.metadata["profile"] = TP1
     with pytest.raises(ValueError, match="measured for TP 1, not 2"):
         SimBackend._latency_of(wrong, spec)
+
+
+def test_a_run_without_a_profile_prices_each_instance_by_its_own_model() -> None:
+    # a model no shipped profile is measured for: `~profile` (profile: null) runs it
+    result = simulate("cluster=llm_k8s_llama33_70b", "~profile", "workload=tiny")
+    assert (result.requests["status"] == "COMPLETED").all()
+    assert result.info["latency_models"] == {
+        "tp8-0": "roofline (its group's; calibration vllm-a100-80gb)"
+    }
+    with pytest.raises(ValueError, match="or none"):
+        simulate("cluster=llm_k8s_llama33_70b", "workload=tiny")
