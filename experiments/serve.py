@@ -208,16 +208,12 @@ def pool_autoscaling(
     pools = []
     for group in cluster[key]:
         name = group["name"]
-        members = [i for i in instances if i.metadata.get("pool") == name]
+        members = [i for i in instances if i.metadata.get("pool") == name]  # count >= 1
         count = len(members)
-        # the group's first instance, as it would be built (also for a group of count 0)
-        template = members[0] if members else build_instances(
-            {**cluster, key: [{**group, "count": 1}]}, pd_on
-        )[0]
         scaler = LiveAutoscaler(
             manager,
             instantiate(node),
-            SimInstanceLauncher(template, cold_start_s=cold_start_s, prefix=name),
+            SimInstanceLauncher(members[0], cold_start_s=cold_start_s, prefix=name),
             min_instances=int(group.get("min_count", count)),
             max_instances=int(group.get("max_count", count)),
             pool=name,

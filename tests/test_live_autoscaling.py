@@ -19,6 +19,24 @@ TEMPLATE = ExecutionInstance(
 )
 
 
+async def burst_then_lull(
+    cp: ControlPlaneManager, scaler: LiveAutoscaler, model: str | None = None
+) -> int:
+    """30 requests at once, served to the end; then the lull, until the pool is back to one
+    instance (at most 10 s). Returns how many instances the burst grew the pool to."""
+    for i in range(30):
+        await cp.submit_request(
+            RequestMetadata(f"r{i}", model_name=model, num_prompt_tokens=200, max_tokens=200)
+        )
+    await cp.drain(timeout_s=120)
+    grown = len(cp.get_instances())
+    for _ in range(200):
+        if len(scaler.serving) == 1 and not scaler.draining:
+            break
+        await asyncio.sleep(0.05)
+    return grown
+
+
 def test_a_burst_grows_the_pool_and_a_lull_drains_it() -> None:
     async def main() -> tuple:
         cp = ControlPlaneManager(enable_monitoring=False, backend=SimBackend(time_scale=10.0))
@@ -34,17 +52,7 @@ def test_a_burst_grows_the_pool_and_a_lull_drains_it() -> None:
             max_instances=3,
         )
         await scaler.start(adopt=["scaled-0"])
-        for i in range(30):
-            await cp.submit_request(
-                RequestMetadata(f"r{i}", model_name="opt-13b", num_prompt_tokens=200,
-                                max_tokens=200)
-            )  # fmt: skip
-        await cp.drain(timeout_s=120)
-        grown = len(cp.get_instances())
-        for _ in range(200):  # the lull: back to one instance
-            if len(scaler.serving) == 1 and not scaler.draining:
-                break
-            await asyncio.sleep(0.05)
+        grown = await burst_then_lull(cp, scaler, model="opt-13b")
         await scaler.stop()
         records = cp.get_request_records()
         instances = [i.instance_id for i in cp.get_instances()]
@@ -98,16 +106,7 @@ def test_cpsim_serve_autoscales_each_pool_within_its_groups_bounds() -> None:
     async def main() -> tuple:
         cp = gateway.manager
         await gateway.start()
-        for i in range(30):
-            await cp.submit_request(
-                RequestMetadata(f"r{i}", num_prompt_tokens=200, max_tokens=200)
-            )  # fmt: skip
-        await cp.drain(timeout_s=120)
-        grown = len(cp.get_instances())
-        for _ in range(200):  # the lull: back to one instance
-            if len(scaler.serving) == 1 and not scaler.draining:
-                break
-            await asyncio.sleep(0.05)
+        grown = await burst_then_lull(cp, scaler)
         records = cp.get_request_records()
         await gateway.stop()
         return grown, records, list(scaler.serving)
