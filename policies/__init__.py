@@ -15,7 +15,7 @@ from policies.pd.adaptive import AdaptivePDPolicy
 from policies.pd.threshold import ThresholdPDPolicy
 from policies.routing.affinity import AffinityRouter
 from policies.routing.load_balanced import LoadBalancedRouter
-from policies.routing.locality import LocalityRouter
+from policies.routing.locality import AdapterAffinityRouter, LocalityRouter
 from policies.routing.power_of_two import PowerOfTwoRouter
 from policies.routing.prefix_cache_aware import PrefixCacheAwareRouter
 from policies.routing.random import RandomRouter
@@ -47,6 +47,7 @@ ROUTERS: dict[str, type[Router]] = {
     "affinity": AffinityRouter,
     "locality": LocalityRouter,
     "prefix_cache_aware": PrefixCacheAwareRouter,
+    "lora_affinity": AdapterAffinityRouter,
 }
 PD_POLICIES: dict[str, type[PDPolicy]] = {
     "threshold": ThresholdPDPolicy,

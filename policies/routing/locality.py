@@ -1,4 +1,6 @@
-"""Prefix locality: consistent hashing of the prompt prefix onto a ring, with bounded loads."""
+"""Locality by consistent hashing onto a ring, with bounded loads: of the prompt prefix (for
+the prefix cache), or of the LoRA adapter a request names (to keep each adapter's batches
+together)."""
 
 from __future__ import annotations
 
@@ -74,12 +76,19 @@ class LocalityRouter:
     ) -> InstanceView | None:
         if not candidates:
             return None
+        key = stable_hash(locality_key(request, self.prefix_tokens))
+        return self._on_ring(key, request, candidates)
+
+    def _on_ring(
+        self, key: int, request: RequestView, candidates: Sequence[InstanceView]
+    ) -> InstanceView | None:
+        """The first candidate clockwise from ``key`` within the load bound, else the least
+        loaded candidate."""
         for view in candidates:
             if view.instance_id not in self._known:
                 self._add_instance(view.instance_id)
         by_id = {v.instance_id: v for v in candidates}
         limit = self.bound(candidates)
-        key = stable_hash(locality_key(request, self.prefix_tokens))
         start = bisect.bisect_left(self._ring_points, key)
         tried: set[str] = set()
         n = len(self._ring_points)
@@ -94,3 +103,26 @@ class LocalityRouter:
             if len(tried) == len(self._known):
                 break
         return pick_least_loaded(candidates, request.parallelism_hint)
+
+
+class AdapterAffinityRouter(LocalityRouter):
+    """Keeps each LoRA adapter on few instances: a request naming an adapter goes to the
+    adapter's place on the hash ring among the candidates, spilling past the load bound as
+    ``LocalityRouter`` does, so an adapter spreads over as many instances as its load needs
+    and an engine's batches mix few adapters (vLLM runs at most ``--max-loras`` at once and
+    makes the others wait). A request for a base model goes to the least loaded candidate."""
+
+    name = "lora_affinity"
+
+    def __init__(self, virtual_nodes: int = 100, epsilon: float = 0.25) -> None:
+        super().__init__(virtual_nodes=virtual_nodes, epsilon=epsilon)
+
+    def route(
+        self, request: RequestView, candidates: Sequence[InstanceView], now: float
+    ) -> InstanceView | None:
+        if not candidates:
+            return None
+        model = request.model_name
+        if model is None or model not in candidates[0].adapters:  # candidates all serve it
+            return pick_least_loaded(candidates, request.parallelism_hint)
+        return self._on_ring(stable_hash(b"a" + model.encode()), request, candidates)

@@ -91,6 +91,7 @@ def build_instance(
     cost_per_gpu_hour: float = 2.0,
     recent_ttft_ms: float | None = None,
     recent_tpot_ms: float | None = None,
+    adapters: frozenset[str] = frozenset(),
 ) -> InstanceView:
     """An instance snapshot; ``gpu_count`` defaults to tp x pp x dp."""
     if gpu_count is None:
@@ -116,6 +117,7 @@ def build_instance(
         cost_per_gpu_hour=cost_per_gpu_hour,
         recent_ttft_ms=recent_ttft_ms,
         recent_tpot_ms=recent_tpot_ms,
+        adapters=adapters,
     )
 
 

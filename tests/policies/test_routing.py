@@ -18,7 +18,7 @@ from cpsim.views import InstanceView
 from policies import ROUTERS, make_router
 from policies.routing.affinity import AffinityRouter
 from policies.routing.load_balanced import LoadBalancedRouter
-from policies.routing.locality import LocalityRouter, stable_hash
+from policies.routing.locality import AdapterAffinityRouter, LocalityRouter, stable_hash
 from policies.routing.power_of_two import PowerOfTwoRouter
 from policies.routing.prefix_cache_aware import PrefixCacheAwareRouter
 from policies.routing.prefix_index import PrefixIndex
@@ -582,3 +582,37 @@ def test_the_least_loaded_loop_picks_what_min_over_load_keys_picks(
         for k, (f, r, p, kv) in enumerate(loads)
     ]
     assert pick_least_loaded(views, None) is min(views, key=load_key)
+
+
+def test_lora_affinity_keeps_an_adapter_together_and_spreads_adapters(
+    make_request: Views, make_instance: Views
+) -> None:
+    served = frozenset(f"a{k}" for k in range(40))
+    idle = [make_instance(f"i{k}", adapters=served) for k in range(4)]
+    router = AdapterAffinityRouter()
+    home = {
+        a: router.route(make_request(f"r{a}", model_name=a), idle, 0.0).instance_id
+        for a in sorted(served)
+    }
+    # an adapter's requests meet on one instance, whatever the order of the candidates
+    assert all(
+        router.route(make_request("again", model_name=a), idle[::-1], 0.0).instance_id == home[a]
+        for a in served
+    )
+    assert set(home.values()) == {"i0", "i1", "i2", "i3"}  # the adapters are spread
+    # past the load bound the adapter spills to the next instance on the ring, which stays
+    load = {v.instance_id: 3 if v.instance_id == home["a0"] else 1 for v in idle}
+    loaded = [make_instance(i, adapters=served, in_flight=n) for i, n in load.items()]
+    spilled = router.route(make_request("hot", model_name="a0"), loaded, 0.0).instance_id
+    assert spilled != home["a0"]
+    assert router.route(make_request("hot2", model_name="a0"), loaded, 0.0).instance_id == spilled
+
+
+def test_lora_affinity_sends_base_model_requests_to_the_least_loaded(
+    make_request: Views, make_instance: Views
+) -> None:
+    cands = [make_instance(f"i{k}", in_flight=k, adapters=frozenset({"sql"})) for k in (2, 0, 1)]
+    router = AdapterAffinityRouter()
+    for model in (None, "m"):
+        assert router.route(make_request(model_name=model), cands, 0.0).instance_id == "i0"
+    assert router.route(make_request(), [], 0.0) is None
