@@ -163,7 +163,7 @@ class LiveAutoscaler:
             queued=queued_by_model(core),
             now=now,
             interval_s=interval_s,
-            adapters=template.metadata.get("lora_adapters") or (),
+            adapters=template.lora_adapters,
         )
         target = min(self.max_instances, max(self.min_instances, self.autoscaler.target(view)))
         current = len(self.serving) + len(self.starting)

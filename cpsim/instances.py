@@ -79,7 +79,7 @@ class InstanceState:
             i.gpu_memory_gb,
             i.cost_per_gpu_hour,
         )
-        self._adapters = frozenset(str(a) for a in i.metadata.get("lora_adapters") or ())
+        self._adapters = i.lora_adapters
         self._cost_per_s = i.cost_per_hour / 3600.0
         self.gpu_memory_total_gb = i.gpu_memory_gb * i.num_gpus
         self.in_flight: dict[str, RequestState] = {}

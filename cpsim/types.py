@@ -333,6 +333,12 @@ class ExecutionInstance:
             )
 
     @property
+    def lora_adapters(self) -> frozenset[str]:
+        """The LoRA adapters it serves beside its model (``metadata["lora_adapters"]``):
+        requests naming one as their model may run here."""
+        return frozenset(str(a) for a in self.metadata.get("lora_adapters") or ())
+
+    @property
     def max_num_seqs(self) -> int:
         """The engine's sequence limit (vLLM's ``max_num_seqs``): the prefilling config's
         ``target_batch_size`` on a PREFILLING instance, the decoding config's

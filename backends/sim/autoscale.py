@@ -133,7 +133,7 @@ class PoolScaling:
                 queued=queued,
                 now=now,
                 interval_s=interval_s,
-                adapters=pool.template.instance.metadata.get("lora_adapters") or (),
+                adapters=pool.template.instance.lora_adapters,
             )
             target = min(pool.max_instances, max(pool.min_instances, self.autoscaler.target(view)))
             self._scale(state, target, now)

@@ -90,8 +90,8 @@ class ReplicaConfig:
         }
         # LoRA, from the instance's metadata (a cluster group's ``lora_adapters:`` ...)
         meta = instance.metadata
-        if meta.get("lora_adapters"):
-            values["lora_adapters"] = tuple(str(a) for a in meta["lora_adapters"])
+        if instance.lora_adapters:
+            values["lora_adapters"] = tuple(sorted(instance.lora_adapters))
         for key in ("max_loras", "lora_step_overhead_frac"):
             if meta.get(key) is not None:
                 values[key] = meta[key]

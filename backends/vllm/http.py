@@ -124,9 +124,8 @@ class HTTPBackend:
         if iid in self._servers:
             raise ValueError(f"instance_id={iid!r} is already added")
         vocab = int(instance.metadata.get("vocab_size", 32000))
-        adapters = frozenset(instance.metadata.get("lora_adapters") or ())
         server = _Server(iid, instance.endpoint, MetricsScraper(iid), vocab, healthy=False,
-                         adapters=adapters)  # fmt: skip
+                         adapters=instance.lora_adapters)  # fmt: skip
         self._servers[iid] = server
         server.healthy = await self._answers_health(server)  # up from the start: no event
         return server.healthy

@@ -206,7 +206,7 @@ class Gateway:
             limit = self.settings.max_model_len.get(inst.model_name)
             if limit is None and inst.metadata.get("max_model_len") is not None:
                 limit = int(inst.metadata["max_model_len"])
-            for name in (inst.model_name, *(inst.metadata.get("lora_adapters") or ())):
+            for name in (inst.model_name, *inst.lora_adapters):
                 if name not in out or limit is not None:
                     out[name] = limit
         return out
@@ -214,9 +214,9 @@ class Gateway:
     def adapter_parents(self) -> dict[str, str]:
         """Each LoRA adapter the instances serve -> its base model."""
         return {
-            str(adapter): inst.model_name
+            adapter: inst.model_name
             for inst in self.manager.get_instances()
-            for adapter in inst.metadata.get("lora_adapters") or ()
+            for adapter in inst.lora_adapters
         }
 
     # ------------------------------------------------------------------ auth
