@@ -6,12 +6,19 @@ from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from cpsim.core import Abort, ControlPlaneEvents, Dispatch
-from cpsim.types import ExecutionInstance
-from cpsim.views import InstanceSnapshot
+from cpsim.types import ExecutionInstance, RequestMetadata
+from cpsim.views import DecodeView, InstanceSnapshot
 
 Clock = Callable[[], float]
 
-__all__ = ["Backend", "Clock", "ControlPlaneEvents", "EngineEvents", "check_started"]
+__all__ = [
+    "Backend",
+    "Clock",
+    "ControlPlaneEvents",
+    "EngineEvents",
+    "MigratingBackend",
+    "check_started",
+]
 
 
 def check_started(backend: object, events: object, instance_id: str) -> None:
@@ -98,3 +105,24 @@ class Backend(Protocol):
     def dispatch(self, dispatch: Dispatch) -> None: ...
 
     def abort(self, abort: Abort) -> None: ...
+
+
+@runtime_checkable
+class MigratingBackend(Protocol):
+    """A backend that can move a decoding request to another instance by recompute (what a
+    control plane in front of unmodified vLLM engines can do: they cannot hand over a
+    running request's KV). ``backends.live_migration`` drives it with a migration policy.
+
+    ``decoding``: the requests decoding on each instance, as the policy sees them.
+    ``migration_problem``: why a request cannot move now (None: it can).
+    ``stop_for_migration``: stop it where it runs and return the output tokens it made in
+    all; it reports nothing more until ``continue_request`` starts it on an instance, with
+    its prompt and output so far as the prompt, its client's stream going on."""
+
+    def decoding(self) -> dict[str, list[DecodeView]]: ...
+
+    def migration_problem(self, request_id: str) -> str | None: ...
+
+    def stop_for_migration(self, request_id: str) -> int: ...
+
+    def continue_request(self, request: RequestMetadata, instance_id: str) -> None: ...

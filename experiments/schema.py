@@ -124,5 +124,6 @@ def register_serve() -> None:
         links: Any = None
         restart: Any = None
         autoscaling: Any = None
+        migration: Any = None
 
     ConfigStore.instance().store(name="serve_schema", node=ServeSchema)

@@ -137,6 +137,10 @@ def build_gateway(cfg: DictConfig, choices: Mapping[str, Any]) -> tuple[Any, lis
         scaling = pool_autoscaling(manager, cfg.autoscaling, cluster, pd_on, instances,
                                    launcher, drain_timeout_s=settings.drain_timeout_s)  # fmt: skip
         gateway.services.append(scaling)
+    if cfg.get("migration"):
+        from backends.live_migration import LiveMigration
+
+        gateway.services.append(LiveMigration(manager, instantiate(cfg.migration)))
     return gateway, engines
 
 

@@ -11,6 +11,11 @@ PREFILL/DECODE dispatches use vLLM's ``kv_transfer_params`` protocol (see ``pd``
 A request a client waits for (``client_streams``, the gateway's: ``cpsim.streams``) is sent
 as the client's own body to its endpoint (completions or chat), and every chunk the engine
 streams goes back to the client.
+A decoding request can move to another engine by recompute (``MigratingBackend``; vLLM
+cannot hand over a running request's KV): its stream is closed (vLLM aborts it) and a
+completion continues it on the target, with the prompt's and the output's token ids so far
+as its prompt and the tokens still to make as ``max_tokens``; the client's stream goes on,
+its chunks and usage as if nothing had moved (see ``_Flight``).
 Needs aiohttp (``pip install -e ".[http]"``), imported when the backend starts.
 """
 
@@ -22,15 +27,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.vllm.metrics_scrape import MetricsScraper
+from backends.vllm.metrics_scrape import MetricsScraper, parse_prometheus_text
 from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
 from cpsim.backend import Clock, EngineEvents, check_started
 from cpsim.core import Abort, Dispatch
 from cpsim.streams import ClientStream
-from cpsim.types import ExecutionInstance
+from cpsim.types import ExecutionInstance, RequestMetadata
 from cpsim.validation import check_positive
-from cpsim.views import Phase
+from cpsim.views import DecodeView, Phase
+
+#: Body fields a continuation (a completion of prompt and output so far) carries over as
+#: they are, and those it sets itself; a body with any other field cannot move (tools,
+#: logprobs, a response format: their meaning would change or be lost on the way).
+CARRIED_FIELDS = frozenset({
+    "model", "user", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+    "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+})  # fmt: skip
+REPLACED_FIELDS = frozenset({
+    "prompt", "messages", "max_tokens", "min_tokens", "n", "stream", "stream_options",
+    "return_token_ids", "kv_transfer_params",
+})  # fmt: skip
 
 
 @dataclass
@@ -43,6 +61,90 @@ class _Server:
     failures: int = 0
     adapters: frozenset[str] = frozenset()  # LoRA adapters it serves (requests name them)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    num_blocks: int | None = None  # its KV cache, from vllm:cache_config_info
+    block_size: int = 16
+
+
+@dataclass
+class _Flight:
+    """A request streaming on an engine, as far as continuing it elsewhere needs: the body
+    its first stream was sent, its prompt's token ids (the engine's first chunk returns
+    them) and every output token id so far. ``num_before``: output tokens of earlier
+    streams (a continuation's chunks and usage are shifted by them for the client)."""
+
+    dispatch: Dispatch
+    body: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_made: int = 0  # output tokens reported to the control plane, all streams
+    num_before: int = 0
+    moving: bool = False  # its stream was stopped for a migration
+    stopped_s: float | None = None  # when; the pause runs until the target's first token
+    pause_s: float = 0.0  # all its migrations' pauses
+
+    def note(self, chunk: Mapping[str, Any]) -> None:
+        """Keep the token ids a chunk carries (the prompt's come with the first)."""
+        if self.prompt_ids is None and chunk.get("prompt_token_ids"):
+            self.prompt_ids = list(chunk["prompt_token_ids"])  # chat: on the chunk
+        for choice in chunk.get("choices") or ():
+            if self.prompt_ids is None and choice.get("prompt_token_ids"):
+                self.prompt_ids = list(choice["prompt_token_ids"])  # completions: its choice
+            self.output_ids += choice.get("token_ids") or ()
+
+    def problem(self) -> str | None:
+        """Why it cannot continue elsewhere now; None when it can."""
+        rid = self.dispatch.request_id
+        if self.moving:
+            return f"request {rid!r} is being moved already"
+        if self.prompt_ids is None or len(self.output_ids) != self.num_made:
+            return (f"request {rid!r}: its engine did not return the prompt's and output's "
+                    "token ids (return_token_ids), so it cannot be continued elsewhere")
+        odd = sorted(set(self.body) - CARRIED_FIELDS - REPLACED_FIELDS)
+        if odd:
+            return (f"request {rid!r} has {', '.join(odd)}, which a continuation cannot "
+                    f"carry; it carries {', '.join(sorted(CARRIED_FIELDS))}")
+        if self.num_made >= self.dispatch.request.max_tokens:
+            return f"request {rid!r} has made all its {self.num_made} tokens"
+        return None
+
+    def continuation(self) -> dict[str, Any]:
+        """The completion that goes on from here: prompt and output so far as its prompt."""
+        from backends.vllm.http_stream import completion_body
+
+        assert self.prompt_ids is not None
+        body = {k: v for k, v in self.body.items() if k in CARRIED_FIELDS}
+        min_tokens = self.body.get("min_tokens")
+        if min_tokens:
+            body["min_tokens"] = max(0, int(min_tokens) - self.num_made)
+        body.setdefault("ignore_eos", False)
+        remaining = self.dispatch.request.max_tokens - self.num_made
+        return completion_body([*self.prompt_ids, *self.output_ids], remaining, True, body)
+
+    def for_client(self, chunk: dict[str, Any], api: str) -> dict[str, Any]:
+        """A continuation's chunk as the client's stream goes on: in its API's format,
+        without the longer prompt's ids, the usage counting from the client's prompt."""
+        out = dict(chunk)
+        out.pop("prompt_token_ids", None)
+        choices = []
+        for choice in chunk.get("choices") or ():
+            text = choice.get("text") or ""
+            c = {k: v for k, v in choice.items() if k not in ("prompt_token_ids", "text")}
+            if api == "chat.completions":
+                c["delta"] = {"content": text}
+            else:
+                c["text"] = text
+            choices.append(c)
+        out["choices"] = choices
+        if api == "chat.completions":
+            out["object"] = "chat.completion.chunk"
+        usage = chunk.get("usage")
+        if usage and self.prompt_ids is not None:
+            prompt = len(self.prompt_ids)
+            made = self.num_before + int(usage.get("completion_tokens") or 0)
+            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": made,
+                            "total_tokens": prompt + made}  # fmt: skip
+        return out
+
 
 
 class HTTPBackend:
@@ -84,6 +186,7 @@ class HTTPBackend:
         self.extra_body = dict(extra_body or {})
         self.client_streams: dict[str, ClientStream] = {}
         self._servers: dict[str, _Server] = {}
+        self._flights: dict[str, _Flight] = {}  # requests streaming (or moving), by id
         self._handoffs = HandoffStore()
         self._events: EngineEvents | None = None
         self._clock: Clock = lambda: 0.0
@@ -145,10 +248,61 @@ class HTTPBackend:
     def abort(self, abort: Abort) -> None:
         """Close the request's stream: vLLM aborts a request whose client disconnects."""
         self._handoffs.pop(abort.request_id)
+        self._flights.pop(abort.request_id, None)
         server = self._servers.get(abort.instance_id)
         task = None if server is None else server.tasks.pop(abort.request_id, None)
         if task is not None:
             task.cancel()
+
+    # ------------------------------------------------------------------ migration
+    def decoding(self) -> dict[str, list[DecodeView]]:
+        """The requests decoding on each healthy server (streaming, not being moved), with
+        their share of its KV cache (from its ``vllm:cache_config_info``; a block each
+        until that was scraped)."""
+        out: dict[str, list[DecodeView]] = {}
+        for iid, server in self._servers.items():
+            if not server.healthy:
+                continue
+            views = out[iid] = []
+            blocks = server.num_blocks
+            for rid in server.tasks:
+                flight = self._flights.get(rid)
+                if flight is None or flight.moving or flight.num_made == 0:
+                    continue
+                context = len(flight.prompt_ids or ()) + flight.num_made
+                share = 1.0 if blocks is None else -(-context // server.block_size) / blocks
+                remaining = flight.dispatch.request.max_tokens - flight.num_made
+                views.append(DecodeView(rid, iid, context, remaining, share))
+        return out
+
+    def migration_problem(self, request_id: str) -> str | None:
+        """Why the request cannot be moved now (not streaming here, no token ids, a body
+        field a continuation cannot carry, no tokens left to make); None when it can."""
+        flight = self._flights.get(request_id)
+        server = None if flight is None else self._servers.get(flight.dispatch.instance_id)
+        if flight is None or server is None or request_id not in server.tasks:
+            return f"request {request_id!r} is not streaming from a server of this backend"
+        return flight.problem()
+
+    def stop_for_migration(self, request_id: str) -> int:
+        """Close the request's stream (vLLM aborts it) and return the output tokens it made
+        in all; nothing more is reported of it until ``continue_request``. Only after
+        ``migration_problem`` said None."""
+        flight = self._flights[request_id]
+        task = self._servers[flight.dispatch.instance_id].tasks.pop(request_id)
+        task.cancel()  # it is parked at a read: what it reported so far is all it made
+        flight.moving = True
+        flight.stopped_s = self._clock()
+        return flight.num_made
+
+    def continue_request(self, request: RequestMetadata, instance_id: str) -> None:
+        """Continue a request stopped by ``stop_for_migration`` on ``instance_id``, with
+        its prompt and output so far as the prompt (the engine computes their KV again)."""
+        flight = self._flights[request.request_id]
+        flight.moving = False
+        flight.num_before = flight.num_made
+        flight.dispatch = flight.dispatch._replace(instance_id=instance_id)
+        self.dispatch(flight.dispatch)
 
     # ------------------------------------------------------------------ introspection
     def is_healthy(self, instance_id: str) -> bool:
@@ -218,44 +372,66 @@ class HTTPBackend:
 
         events, rid, iid = self._events, d.request_id, d.instance_id
         assert events is not None
-        count = [0]
+        client = self.client_streams.get(rid)
+        flight = self._flights.get(rid)
+        resumed = flight is not None  # a continuation after a migration
+        if flight is None:
+            flight = self._flights[rid] = _Flight(d)
 
         def on_tokens(k: int) -> None:
             now = self._clock()
-            if count[0] == 0:
+            if flight.stopped_s is not None:  # the first token since it was moved
+                flight.pause_s += now - flight.stopped_s
+                flight.stopped_s = None
+            if flight.num_made == 0:
                 events.on_first_token(rid, iid, now)
                 if k > 1:
                     events.on_tokens(rid, iid, k - 1, now)
             else:
                 events.on_tokens(rid, iid, k, now)
-            count[0] += k
+            flight.num_made += k
+
+        def on_chunk(chunk: dict[str, Any]) -> None:
+            flight.note(chunk)
+            if client is not None:
+                client.on_chunk(flight.for_client(chunk, client.api) if resumed else chunk)
 
         try:
-            body = self._body(d, server, d.request.max_tokens, stream=True)
-            client = self.client_streams.get(rid)
+            if resumed:
+                url, body = f"{server.endpoint}/v1/completions", flight.continuation()
+            else:
+                url = self._url(d, server)
+                body = flight.body = self._body(d, server, d.request.max_tokens, stream=True)
             result = await stream_completion(
-                self._session,
-                self._url(d, server),
-                body,
-                {"X-Request-Id": rid},
-                self._timeouts(),
-                on_tokens,
-                None if client is None else client.on_chunk,
-            )
+                self._session, url, body, {"X-Request-Id": rid}, self._timeouts(), on_tokens,
+                on_chunk,
+            )  # fmt: skip
         except asyncio.CancelledError:
+            self._forget(flight, d)
             raise
         except Exception as exc:
-            self._report_error(d, server, exc, count[0])
+            self._forget(flight, d)
+            self._report_error(d, server, exc, flight.num_made)
             return
         finally:
             if server.tasks.get(rid) is asyncio.current_task():
                 del server.tasks[rid]
+        self._forget(flight, d)
         if server.healthy:
             server.failures = 0
         extras = {}
         if result.usage_completion_tokens is not None:
-            extras["usage_completion_tokens"] = float(result.usage_completion_tokens)
+            usage = flight.num_before + result.usage_completion_tokens
+            extras["usage_completion_tokens"] = float(usage)
+        if resumed:
+            extras["migration_pause_s"] = flight.pause_s
         events.on_finish(rid, iid, result.num_tokens, self._clock(), extras)
+
+    def _forget(self, flight: _Flight, d: Dispatch) -> None:
+        """Drop the request's flight when its stream ``d`` ended, unless the stream was
+        stopped to move it (then the flight goes on, on the target)."""
+        if flight.dispatch is d and not flight.moving:
+            self._flights.pop(d.request_id, None)
 
     async def _prefill(self, d: Dispatch, server: _Server) -> None:
         from backends.vllm.http_stream import prefill_completion
@@ -361,8 +537,20 @@ class HTTPBackend:
         except Exception:
             return  # health checks decide about failures
         if status == 200 and self._events is not None:
+            if server.num_blocks is None:
+                self._read_cache_config(server, text)
             now = self._clock()
             self._events.on_snapshot(server.scraper.snapshot(text, now), now)
+
+    @staticmethod
+    def _read_cache_config(server: _Server, text: str) -> None:
+        """The KV cache's size, from vLLM's ``cache_config_info`` labels (read once)."""
+        for labels, _ in parse_prometheus_text(text).get("vllm:cache_config_info", ()):
+            blocks, size = labels.get("num_gpu_blocks"), labels.get("block_size")
+            if blocks and blocks.isdigit() and int(blocks) > 0:
+                server.num_blocks = int(blocks)
+                if size and size.isdigit() and int(size) > 0:
+                    server.block_size = int(size)
 
     async def _scrape_loop(self) -> None:
         while True:
