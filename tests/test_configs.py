@@ -334,3 +334,19 @@ def test_cpsim_serve_builds_the_configured_gateway() -> None:
         endpoint_instances(cluster)
     with pytest.raises(ValueError, match="names no engines"):
         build_gateway(compose_serve(["backend=vllm_http"]), {"cluster": "small"})
+
+
+def test_cpsim_serve_migration_runs_over_engines_and_is_refused_over_simulated_ones() -> None:
+    pytest.importorskip("fastapi")
+    from backends.live_migration import LiveMigration
+    from experiments.serve import build_gateway
+
+    cfg = compose_serve(
+        ["backend=vllm_http", "cluster=vllm_endpoints", "migration=kv_balance",
+         "migration.interval_s=0.5"]
+    )  # fmt: skip
+    gateway, _ = build_gateway(cfg, {})
+    (mover,) = [s for s in gateway.services if isinstance(s, LiveMigration)]
+    assert mover.policy.interval_s == 0.5 and mover.manager is gateway.manager
+    with pytest.raises(ValueError, match="backend 'sim' cannot move running requests"):
+        build_gateway(compose_serve(["migration=kv_balance"]), {})

@@ -383,13 +383,14 @@ class HTTPBackend:
             if flight.stopped_s is not None:  # the first token since it was moved
                 flight.pause_s += now - flight.stopped_s
                 flight.stopped_s = None
-            if flight.num_made == 0:
+            first = flight.num_made == 0
+            flight.num_made += k  # before the events: a listener may move the request
+            if first:
                 events.on_first_token(rid, iid, now)
                 if k > 1:
                     events.on_tokens(rid, iid, k - 1, now)
             else:
                 events.on_tokens(rid, iid, k, now)
-            flight.num_made += k
 
         def on_chunk(chunk: dict[str, Any]) -> None:
             flight.note(chunk)

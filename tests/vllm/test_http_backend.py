@@ -273,50 +273,59 @@ def test_killed_engine_is_marked_unhealthy_and_no_request_is_lost(
 def test_a_stream_moved_by_recompute_goes_on_as_it_would_have(http_engines: list[Any]) -> None:
     """A greedy completion, once run where it started and once moved to the other engine
     after 12 tokens (backends/live_migration.py): the moved one's client gets the same
-    token ids, the target was sent prompt and output so far, and the source aborted it."""
+    token ids, the target was sent prompt and output so far, and the source aborted it.
+    (200 tokens: an API server short of CPU sends tokens in bursts, and the move must come
+    before the last.)"""
     from backends.live_migration import LiveMigration
     from cpsim.streams import ClientStream
     from policies.migration import KVBalancePolicy
 
     prompt = [(7 * i) % 900 + 100 for i in range(300)]
-    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 60, "temperature": 0.0,
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 200, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "return_token_ids": True}  # fmt: skip
 
     async def main() -> tuple:
-        cp, backend, _ = _manager()
+        cp, backend, recorder = _manager()
         for inst in _instances(http_engines):
             cp.register_instance(inst)
         await cp.start()
         mover = LiveMigration(cp, KVBalancePolicy())
         chunks: dict[str, list[dict[str, Any]]] = {"still": [], "moved": []}
+        moves: list[tuple[str, str, bool, str | None]] = []
+
+        def move_after_12() -> None:
+            # from inside the token event: a burst of tokens cannot end the request first
+            state = cp.core.request_state("moved")
+            if moves or state is None or state.num_output_tokens < 12:
+                return
+            source = str(state.instance_id)
+            target = next(i.instance_id for i in cp.get_instances() if i.instance_id != source)
+            moves.append((source, target, mover.move("moved", target), mover.last_refusal))
+
         for rid in chunks:
             backend.client_streams[rid] = ClientStream(
                 "completions", dict(body), chunks[rid].append
             )
-            meta = RequestMetadata(rid, prompt_token_ids=prompt, max_tokens=60)
-            await cp.submit_request(meta)
-            if rid == "moved":
-                while cp.core.request_state(rid).num_output_tokens < 12:
-                    await asyncio.sleep(0.005)
-                source = cp.core.request_state(rid).instance_id
-                target = next(i.instance_id for i in cp.get_instances() if i.instance_id != source)
-                assert mover.move(rid, target), mover.last_refusal
+            recorder.after_token_event = move_after_12 if rid == "moved" else None
+            await cp.submit_request(RequestMetadata(rid, prompt_token_ids=prompt, max_tokens=200))
             assert await cp.wait_for_request(rid, timeout_s=60) is RequestStatus.COMPLETED
         records = cp.get_request_records().set_index("request_id")
         running = [await asyncio.to_thread(_server_running, e) for e in http_engines]
         await cp.stop()
-        return chunks, records, source, running
+        return chunks, records, moves, running
 
-    chunks, records, source, running = asyncio.run(main())
+    chunks, records, moves, running = asyncio.run(main())
     ids = {rid: [t for ch in cs for c in ch["choices"] for t in c.get("token_ids") or ()]
            for rid, cs in chunks.items()}  # fmt: skip
-    assert len(ids["still"]) == len(ids["moved"]) == 60
+    ((source, target, moved, refusal),) = moves
+    assert moved, refusal
+    assert len(ids["still"]) == len(ids["moved"]) == 200
     assert ids["moved"] == ids["still"]  # greedy: the continuation picks the same tokens
     usage = [ch["usage"] for ch in chunks["moved"] if ch.get("usage")][-1]
-    assert usage["prompt_tokens"] == 300 and usage["completion_tokens"] == 60
+    assert usage["prompt_tokens"] == 300 and usage["completion_tokens"] == 200
     row = records.loc["moved"]
-    assert row["num_migrations"] == 1 and row["instance_id"] != source
-    assert row["num_output_tokens"] == 60 == row["usage_completion_tokens"]
+    assert row["num_migrations"] == 1 and row["instance_id"] == target != source
+    assert row["num_output_tokens"] == 200 == row["usage_completion_tokens"]
     assert 0 < row["migration_pause_s"] < 2.0
     assert running == [0, 0]  # the source aborted the stream it lost
