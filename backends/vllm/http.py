@@ -63,6 +63,7 @@ class _Server:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     num_blocks: int | None = None  # its KV cache, from vllm:cache_config_info
     block_size: int = 16
+    kv_usage: float | None = None  # the share of its KV cache in use, last scraped
 
 
 @dataclass
@@ -116,7 +117,6 @@ class _Flight:
         min_tokens = self.body.get("min_tokens")
         if min_tokens:
             body["min_tokens"] = max(0, int(min_tokens) - self.num_made)
-        body.setdefault("ignore_eos", False)
         remaining = self.dispatch.request.max_tokens - self.num_made
         return completion_body([*self.prompt_ids, *self.output_ids], remaining, True, body)
 
@@ -257,22 +257,24 @@ class HTTPBackend:
     # ------------------------------------------------------------------ migration
     def decoding(self) -> dict[str, list[DecodeView]]:
         """The requests decoding on each healthy server (streaming, not being moved), with
-        their share of its KV cache (from its ``vllm:cache_config_info``; a block each
-        until that was scraped)."""
+        their share of its KV cache: their blocks over its ``vllm:cache_config_info``, or,
+        where that is not exported, its scraped KV usage shared out by context length. A
+        server with neither (not scraped yet) is left out."""
         out: dict[str, list[DecodeView]] = {}
         for iid, server in self._servers.items():
-            if not server.healthy:
+            if not server.healthy or (server.num_blocks is None and server.kv_usage is None):
                 continue
+            flights = [self._flights.get(rid) for rid in server.tasks]
+            decoding = [f for f in flights if f is not None and f.num_made and not f.moving]
+            contexts = [len(f.prompt_ids or ()) + f.num_made for f in decoding]
             views = out[iid] = []
-            blocks = server.num_blocks
-            for rid in server.tasks:
-                flight = self._flights.get(rid)
-                if flight is None or flight.moving or flight.num_made == 0:
-                    continue
-                context = len(flight.prompt_ids or ()) + flight.num_made
-                share = 1.0 if blocks is None else -(-context // server.block_size) / blocks
+            for flight, context in zip(decoding, contexts, strict=True):
+                if server.num_blocks is not None:
+                    share = -(-context // server.block_size) / server.num_blocks
+                else:
+                    share = (server.kv_usage or 0.0) * context / sum(contexts)
                 remaining = flight.dispatch.request.max_tokens - flight.num_made
-                views.append(DecodeView(rid, iid, context, remaining, share))
+                views.append(DecodeView(flight.dispatch.request_id, iid, context, remaining, share))
         return out
 
     def migration_problem(self, request_id: str) -> str | None:
@@ -541,7 +543,9 @@ class HTTPBackend:
             if server.num_blocks is None:
                 self._read_cache_config(server, text)
             now = self._clock()
-            self._events.on_snapshot(server.scraper.snapshot(text, now), now)
+            snapshot = server.scraper.snapshot(text, now)
+            server.kv_usage = snapshot.kv_cache_usage_frac
+            self._events.on_snapshot(snapshot, now)
 
     @staticmethod
     def _read_cache_config(server: _Server, text: str) -> None:

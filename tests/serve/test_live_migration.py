@@ -231,3 +231,39 @@ def test_kv_balance_moves_decodes_to_a_new_engine_and_every_request_completes() 
 def test_a_backend_that_cannot_move_requests_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="'sim' cannot move running requests"):
         LiveMigration(ControlPlaneManager(enable_monitoring=False), KVBalancePolicy())
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "kv_usage", "shares"),
+    [
+        (100, None, [7 / 100, 20 / 100]),  # blocks of 16 tokens over the engine's cache
+        (None, 0.5, [0.5 * 110 / 420, 0.5 * 310 / 420]),  # its usage, shared by context
+        (None, None, None),  # nothing known yet: left out
+    ],
+)
+def test_decoding_views_price_each_request_s_share_of_its_engine_s_kv_cache(
+    num_blocks: int | None, kv_usage: float | None, shares: list[float] | None
+) -> None:
+    from backends.vllm.http import _Flight, _Server
+    from backends.vllm.metrics_scrape import MetricsScraper
+    from cpsim.core import Dispatch
+    from cpsim.views import Phase
+
+    http = backend()
+    server = _Server("a", "http://127.0.0.1:1", MetricsScraper("a"), 32000,
+                     num_blocks=num_blocks, kv_usage=kv_usage)  # fmt: skip
+    http._servers["a"] = server
+    for rid, prompt in (("short", 100), ("long", 300)):
+        meta = RequestMetadata(rid, num_prompt_tokens=prompt, max_tokens=50)
+        flight = _Flight(Dispatch(meta, "a", Phase.FULL), prompt_ids=[1] * prompt, num_made=10)
+        http._flights[rid] = flight
+        server.tasks[rid] = None  # type: ignore[assignment]  # streaming: only the key counts
+    views = http.decoding()
+    if shares is None:
+        assert views == {}
+        return
+    assert [(v.request_id, v.num_context_tokens, v.num_remaining_tokens) for v in views["a"]] == [
+        ("short", 110, 40),
+        ("long", 310, 40),
+    ]
+    assert [v.kv_frac for v in views["a"]] == pytest.approx(shares)
