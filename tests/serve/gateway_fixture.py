@@ -19,8 +19,10 @@ from cpsim.core import ControlPlaneConfig
 from cpsim.manager import ControlPlaneManager
 from cpsim.serve.app import Gateway, ServerSettings, create_app
 from cpsim.types import ExecutionInstance
+from experiments.fake_engine import FakeEngine
 
 MODEL = "opt-13b"
+FAKE_MODEL = "tiny-llama"  # what the stand-in engines serve
 
 
 def sim_instances(n: int = 2, model: str = MODEL, **kwargs: Any) -> list[ExecutionInstance]:
@@ -40,8 +42,11 @@ async def running_gateway(
     """The gateway and its base URL; stopped (manager and all) at the end."""
     backend = backend or SimBackend(token_reports="step")
     manager = ControlPlaneManager(
-        backend=backend, config=config, routing_strategy=routing_strategy,
-        enable_monitoring=False, quotas=quotas,
+        backend=backend,
+        config=config,
+        routing_strategy=routing_strategy,
+        enable_monitoring=False,
+        quotas=quotas,
     )
     for instance in instances if instances is not None else sim_instances():
         manager.register_instance(instance)
@@ -56,9 +61,7 @@ async def running_gateway(
 
 async def start_server(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """``app`` under uvicorn on a free loopback port, in this loop."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -69,3 +72,29 @@ async def start_server(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], in
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def fake_engines(n: int, **kw: Any) -> list[tuple[FakeEngine, uvicorn.Server, Any, int]]:
+    """``n`` stand-in vLLM servers (experiments/fake_engine), each (engine, server, task,
+    port); ``kw`` for FakeEngine."""
+    out = []
+    for _ in range(n):
+        engine = FakeEngine(FAKE_MODEL, **kw)
+        server, task, port = await start_server(engine.app)
+        out.append((engine, server, task, port))
+    return out
+
+
+async def stop_fakes(fakes: list[tuple[FakeEngine, uvicorn.Server, Any, int]]) -> None:
+    for _engine, server, task, _port in fakes:
+        server.should_exit = True
+        await task
+
+
+def fake_instances(ports: list[int], max_model_len: int = 2048) -> list[ExecutionInstance]:
+    """The stand-in servers on ``ports`` as instances ``engine-0``, ``engine-1``, ..."""
+    return [
+        ExecutionInstance(f"engine-{i}", host="127.0.0.1", port=port, model_name=FAKE_MODEL,
+                          max_concurrent_requests=32, metadata={"max_model_len": max_model_len})
+        for i, port in enumerate(ports)
+    ]  # fmt: skip

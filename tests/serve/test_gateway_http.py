@@ -12,31 +12,17 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("aiohttp")
 
-from gateway_fixture import run, running_gateway, start_server  # noqa: E402
+from gateway_fixture import (  # noqa: E402
+    FAKE_MODEL,
+    fake_engines,
+    fake_instances,
+    run,
+    running_gateway,
+    stop_fakes,
+)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from backends.vllm.http import HTTPBackend  # noqa: E402
-from cpsim.types import ExecutionInstance  # noqa: E402
-from experiments.fake_engine import FakeEngine  # noqa: E402
-
-MODEL = "tiny-llama"
-
-
-async def engines(n: int, **kw: object) -> list[tuple[FakeEngine, object, object, int]]:
-    out = []
-    for _ in range(n):
-        engine = FakeEngine(MODEL, **kw)  # type: ignore[arg-type]
-        server, task, port = await start_server(engine.app)
-        out.append((engine, server, task, port))
-    return out
-
-
-def instances(ports: list[int]) -> list[ExecutionInstance]:
-    return [
-        ExecutionInstance(f"engine-{i}", host="127.0.0.1", port=port, model_name=MODEL,
-                          max_concurrent_requests=32, metadata={"max_model_len": 2048})
-        for i, port in enumerate(ports)
-    ]
 
 
 def backend() -> HTTPBackend:
@@ -52,24 +38,18 @@ def counts(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
-async def stop(fakes: list) -> None:  # type: ignore[type-arg]
-    for _engine, server, task, _port in fakes:
-        server.should_exit = True
-        await task
-
-
 def test_the_clients_body_goes_to_the_engine_and_its_answer_comes_back() -> None:
     async def main() -> None:
-        fakes = await engines(1)
+        fakes = await fake_engines(1)
         engine = fakes[0][0]
         try:
-            async with running_gateway(instances([fakes[0][3]]), backend=backend()) as (
+            async with running_gateway(fake_instances([fakes[0][3]]), backend=backend()) as (
                 _gw, url
             ):
                 c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
                 async with c:
                     stream = await c.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                        model=FAKE_MODEL, messages=[{"role": "user", "content": "hello"}],
                         max_tokens=4, temperature=0.5, stream=True,
                         stream_options={"include_usage": True},
                         extra_body={"priority": "high", "top_k": 5},
@@ -85,29 +65,29 @@ def test_the_clients_body_goes_to_the_engine_and_its_answer_comes_back() -> None
                     assert sent["messages"] == [{"role": "user", "content": "hello"}]
                     assert sent["temperature"] == 0.5 and sent["top_k"] == 5
                     assert "priority" not in sent  # cpsim's, not the engine's
-                    done = await c.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+                    done = await c.completions.create(model=FAKE_MODEL, prompt="hi", max_tokens=3)
                     assert done.choices[0].text == " t0 t1 t2"
                     assert done.choices[0].finish_reason == "length"
                     assert done.usage.completion_tokens == 3
                     # the engine's own refusal comes back with its status and message
                     with pytest.raises(openai.BadRequestError, match="temperature"):
-                        await c.completions.create(model=MODEL, prompt="hi", temperature=5)
+                        await c.completions.create(model=FAKE_MODEL, prompt="hi", temperature=5)
         finally:
-            await stop(fakes)
+            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
     async def main() -> None:
-        fakes = await engines(2, token_delay_s=0.01)
+        fakes = await fake_engines(2, token_delay_s=0.01)
         ports = [f[3] for f in fakes]
         try:
-            async with running_gateway(instances(ports), backend=backend()) as (gw, url):
+            async with running_gateway(fake_instances(ports), backend=backend()) as (gw, url):
                 async with httpx.AsyncClient(base_url=url, timeout=30) as http:
 
                     async def one(i: int) -> int:
-                        body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 50}
+                        body = {"model": FAKE_MODEL, "prompt": f"p{i}", "max_tokens": 50}
                         return (await http.post("/v1/completions", json=body)).status_code
 
                     first = [asyncio.create_task(one(i)) for i in range(20)]
@@ -136,25 +116,24 @@ def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
                 text = (await httpx.AsyncClient().get(f"{url}/metrics")).text
                 assert sum(counts(text).values()) == 30
         finally:
-            await stop(fakes[1:])
+            await stop_fakes(fakes[1:])
 
     run(main())
 
 
 def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> None:
     async def main() -> None:
-        fakes = await engines(2)
+        fakes = await fake_engines(2)
         fakes[0][0].fail_all = True
         try:
-            async with running_gateway(instances([f[3] for f in fakes]), backend=backend()) as (
-                _gw, url
-            ):
+            gateway = running_gateway(fake_instances([f[3] for f in fakes]), backend=backend())
+            async with gateway as (_gw, url):
                 async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                     codes = []
                     for wave in range(10):
                         codes += await asyncio.gather(*(
                             http.post("/v1/completions", json={
-                                "model": MODEL, "prompt": f"{wave}-{i}", "max_tokens": 3})
+                                "model": FAKE_MODEL, "prompt": f"{wave}-{i}", "max_tokens": 3})
                             for i in range(4)
                         ))
                     assert [r.status_code for r in codes] == [200] * 40
@@ -162,18 +141,19 @@ def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> No
                 assert counts(text) == {("COMPLETED", "finished"): 40.0}
                 assert len(fakes[0][0].requests) <= 10  # a few tries, then it is avoided
         finally:
-            await stop(fakes)
+            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_a_client_that_disconnects_has_its_engine_stream_closed() -> None:
     async def main() -> None:
-        fakes = await engines(1, token_delay_s=0.01)
+        fakes = await fake_engines(1, token_delay_s=0.01)
         engine = fakes[0][0]
         try:
-            async with running_gateway(instances([fakes[0][3]]), backend=backend()) as (gw, url):
-                body = {"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
+            gateway = running_gateway(fake_instances([fakes[0][3]]), backend=backend())
+            async with gateway as (gw, url):
+                body = {"model": FAKE_MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
                 async with (
                     httpx.AsyncClient(base_url=url, timeout=30) as http,
                     http.stream("POST", "/v1/completions", json=body) as resp,
@@ -194,6 +174,6 @@ def test_a_client_that_disconnects_has_its_engine_stream_closed() -> None:
                 assert [str(s) for s in records["status"]] == ["CANCELLED"]
                 assert records["num_output_tokens"].iloc[0] < 2000
         finally:
-            await stop(fakes)
+            await stop_fakes(fakes)
 
     run(main())

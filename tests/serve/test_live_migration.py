@@ -13,7 +13,14 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("aiohttp")
 
-from gateway_fixture import run, running_gateway, start_server  # noqa: E402
+from gateway_fixture import (  # noqa: E402
+    FAKE_MODEL,
+    fake_engines,
+    fake_instances,
+    run,
+    running_gateway,
+    stop_fakes,
+)
 
 from backends.live_migration import LiveMigration  # noqa: E402
 from backends.vllm.http import HTTPBackend  # noqa: E402
@@ -22,30 +29,9 @@ from cpsim.types import ExecutionInstance, RequestMetadata, RequestStatus  # noq
 from experiments.fake_engine import FIRST_OUTPUT_ID, FakeEngine  # noqa: E402
 from policies.migration import KVBalancePolicy  # noqa: E402
 
-MODEL = "tiny-llama"
-
-
-async def engines(n: int, **kw: Any) -> list[tuple[FakeEngine, Any, Any, int]]:
-    out = []
-    for _ in range(n):
-        engine = FakeEngine(MODEL, **kw)
-        server, task, port = await start_server(engine.app)
-        out.append((engine, server, task, port))
-    return out
-
-
-async def stop(fakes: list[tuple[FakeEngine, Any, Any, int]]) -> None:
-    for _engine, server, task, _port in fakes:
-        server.should_exit = True
-        await task
-
 
 def instances(ports: list[int]) -> list[ExecutionInstance]:
-    return [
-        ExecutionInstance(f"engine-{i}", host="127.0.0.1", port=port, model_name=MODEL,
-                          max_concurrent_requests=32, metadata={"max_model_len": 4096})
-        for i, port in enumerate(ports)
-    ]  # fmt: skip
+    return fake_instances(ports, max_model_len=4096)
 
 
 def backend() -> HTTPBackend:
@@ -69,7 +55,7 @@ def other(instance_id: str) -> str:
 
 def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer() -> None:
     async def main() -> None:
-        fakes = await engines(2, token_delay_s=0.02)
+        fakes = await fake_engines(2, token_delay_s=0.02)
         ports = [f[3] for f in fakes]
         try:
             async with running_gateway(instances(ports), backend=backend()) as (gw, url):
@@ -78,10 +64,10 @@ def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer(
                 c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
                 async with c:
                     direct = await c.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                        model=FAKE_MODEL, messages=[{"role": "user", "content": "hello"}],
                         max_tokens=3)  # fmt: skip
                     stream = await c.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                        model=FAKE_MODEL, messages=[{"role": "user", "content": "hello"}],
                         max_tokens=30, temperature=0.5, stream=True,
                         stream_options={"include_usage": True},
                     )  # fmt: skip
@@ -108,21 +94,21 @@ def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer(
             made = 30 - sent["max_tokens"]
             assert 8 <= made < 30 and "messages" not in sent
             assert sent["prompt"][-made:] == [FIRST_OUTPUT_ID + k for k in range(made)]
-            assert sent["temperature"] == 0.5 and sent["model"] == MODEL
+            assert sent["temperature"] == 0.5 and sent["model"] == FAKE_MODEL
             row = records.loc[rid]
             assert row["status"] == "COMPLETED" and row["instance_id"] == other(source)
             assert row["num_output_tokens"] == 30 == row["usage_completion_tokens"]
             assert row["num_migrations"] == 1 and 0 <= row["migration_pause_s"] < 1.0
             assert all(f[0].running == 0 for f in fakes)  # the source's stream was closed
         finally:
-            await stop(fakes)
+            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_completions_continue_and_a_body_that_cannot_be_continued_stays() -> None:
     async def main() -> None:
-        fakes = await engines(2, token_delay_s=0.02)
+        fakes = await fake_engines(2, token_delay_s=0.02)
         try:
             async with running_gateway(instances([f[3] for f in fakes]), backend=backend()) as (
                 gw,
@@ -132,18 +118,19 @@ def test_completions_continue_and_a_body_that_cannot_be_continued_stays() -> Non
                 mover = LiveMigration(manager, KVBalancePolicy())
                 c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
                 async with c:
+                    prompt = "a prompt of some words"
                     whole = asyncio.create_task(c.completions.create(
-                        model=MODEL, prompt="a prompt of some words", max_tokens=25))  # fmt: skip
+                        model=FAKE_MODEL, prompt=prompt, max_tokens=25))  # fmt: skip
                     rid = await made_tokens(manager, 5)
                     source = manager.core.request_state(rid).instance_id
                     assert mover.move(rid, other(source)), mover.last_refusal
                     done = await whole
                     assert done.choices[0].text == "".join(f" t{k}" for k in range(25))
                     assert done.usage.completion_tokens == 25
-                    assert done.usage.prompt_tokens == len("a prompt of some words") // 4
+                    assert done.usage.prompt_tokens == len(prompt) // 4
 
                     kept = asyncio.create_task(c.completions.create(
-                        model=MODEL, prompt="another", max_tokens=25, logprobs=1))  # fmt: skip
+                        model=FAKE_MODEL, prompt="another", max_tokens=25, logprobs=1))  # fmt: skip
                     rid = await made_tokens(manager, 5)
                     source = manager.core.request_state(rid).instance_id
                     assert not mover.move(rid, other(source))
@@ -154,14 +141,14 @@ def test_completions_continue_and_a_body_that_cannot_be_continued_stays() -> Non
             assert records.loc[rid, "instance_id"] == source
             assert mover.num_moved == 1 and mover.num_refused == 1
         finally:
-            await stop(fakes)
+            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_a_target_that_fails_fails_the_moved_request_with_a_reason() -> None:
     async def main() -> None:
-        fakes = await engines(2, token_delay_s=0.02)
+        fakes = await fake_engines(2, token_delay_s=0.02)
         manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
         for inst in instances([f[3] for f in fakes]):
             manager.register_instance(inst)
@@ -178,7 +165,7 @@ def test_a_target_that_fails_fails_the_moved_request_with_a_reason() -> None:
             reason = manager.get_request_reason(rid) or ""
         finally:
             await manager.stop()
-            await stop(fakes)
+            await stop_fakes(fakes)
         # its tokens were streamed: it cannot start over elsewhere, so it fails, once
         assert status is RequestStatus.FAILED and "500" in reason and target in reason
 
@@ -190,7 +177,7 @@ def test_kv_balance_moves_decodes_to_a_new_engine_and_every_request_completes() 
     empty; the policy moves decodes to it, and each request still makes all its tokens."""
 
     async def main() -> tuple[Any, LiveMigration, list[FakeEngine]]:
-        fakes = await engines(2, token_delay_s=0.01, num_blocks=100)
+        fakes = await fake_engines(2, token_delay_s=0.01, num_blocks=100)
         first, second = instances([f[3] for f in fakes])
         manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
         manager.register_instance(first)
@@ -212,7 +199,7 @@ def test_kv_balance_moves_decodes_to_a_new_engine_and_every_request_completes() 
         finally:
             await mover.stop()
             await manager.stop()
-            await stop(fakes)
+            await stop_fakes(fakes)
         assert statuses == [RequestStatus.COMPLETED] * 6
         return records, mover, [f[0] for f in fakes]
 
