@@ -164,9 +164,11 @@ class FakeEngine:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        answer = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                  "created": int(time.time()), "model": self.model, "choices": [choice],
-                  "usage": self._usage(body, n)}
+        answer: dict[str, Any] = {
+            "id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.model, "choices": [choice],
+            "usage": self._usage(body, n),
+        }  # fmt: skip
         if "kv_transfer_params" in body:
             answer["kv_transfer_params"] = {"remote": rid}
         return answer
