@@ -147,3 +147,55 @@ def test_a_server_that_fails_every_request_at_once_does_not_capture_the_traffic(
     assert statuses.count(RequestStatus.COMPLETED) >= 95, out["records"]["reason"].value_counts()
     records = out["records"]
     assert (records.loc[records["status"] == "COMPLETED", "instance_id"] == "ok").all()
+
+
+def test_a_stream_ends_at_done_and_its_connection_serves_the_next() -> None:
+    """A server that ends its body only a while after ``[DONE]`` (as a busy one may): the
+    stream returns at ``[DONE]``, before the body ends, and once it has ended the same
+    connection carries the next request (aiohttp closes a response released early)."""
+    from backends.vllm.http_stream import StreamTimeouts, completion_body, stream_completion
+
+    async def main() -> tuple[list[bool], int]:
+        ended = asyncio.Event()
+
+        async def completions(request: Any) -> Any:
+            ended.clear()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_chunk([7], "length") + b"data: [DONE]\n\n")
+            await asyncio.sleep(0.05)
+            ended.set()
+            return resp  # the body's end goes out now
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        created, ended_at_return = [0], []
+
+        async def on_create(*_: Any) -> None:
+            created[0] += 1
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(on_create)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        try:
+            async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+                for _ in range(3):
+                    result = await stream_completion(
+                        session, url, completion_body([1, 2], 1, True), {},
+                        StreamTimeouts(5.0, 5.0, 5.0), lambda _k: None,
+                    )  # fmt: skip
+                    ended_at_return.append(ended.is_set())
+                    assert result.num_tokens == 1 and result.finish_reason == "length"
+                    await ended.wait()
+                    await asyncio.sleep(0.05)  # the body's end read in the background
+        finally:
+            await runner.cleanup()
+        return ended_at_return, created[0]
+
+    ended_at_return, created = asyncio.run(main())
+    assert ended_at_return == [False, False, False]  # not held up by the body's end
+    assert created == 1  # one connection for the three requests

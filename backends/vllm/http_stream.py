@@ -84,6 +84,35 @@ async def _check_status(resp: aiohttp.ClientResponse) -> None:
         raise ServerError(f"HTTP {resp.status}: {text}", resp.status)
 
 
+#: Responses read to their end in the background (a strong reference until done).
+_ENDING: set[asyncio.Task[None]] = set()
+
+
+def _release_when_ended(resp: aiohttp.ClientResponse) -> None:
+    """Give a response's connection back for the next request once its body has ended (the
+    chunk that closes it comes with ``[DONE]`` or just after). aiohttp closes the
+    connection of a response released before its end, and a new TCP connection per request
+    cost the relay a tenth of its CPU. Read in the background when it is not there yet, so
+    the request's end does not wait for it."""
+    if resp.content.at_eof():
+        resp.release()
+        return
+    task = asyncio.get_running_loop().create_task(_read_to_end(resp))
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
+
+
+async def _read_to_end(resp: aiohttp.ClientResponse, wait_s: float = 1.0) -> None:
+    try:
+        async with asyncio.timeout(wait_s):
+            while await resp.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
+        resp.close()  # a server that keeps the response open loses the connection
+        return
+    resp.release()
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     url: str,
@@ -102,48 +131,48 @@ async def stream_completion(
     num, reported, finish, usage = 0, 0, None, None
     try:
         async with asyncio.timeout_at(loop.time() + timeouts.first_token_s) as deadline:
-            async with session.post(
+            resp = await session.post(
                 url, json=dict(body), headers=dict(headers), timeout=_client_timeout(timeouts)
-            ) as resp:
+            )
+            try:
                 await _check_status(resp)
-                try:
-                    # whatever has arrived at once, every chunk in it, with one token
-                    # report and one deadline move per read rather than per chunk
-                    pending = b""
-                    while True:
-                        block = await resp.content.readany()
-                        if not block:
-                            raise StreamBroken(f"stream closed after {num} tokens, no [DONE]")
-                        *lines, pending = (pending + block).split(b"\n")
-                        for line in lines:
-                            data = line.strip()
-                            if not data.startswith(b"data:"):
-                                continue
-                            data = data[5:].strip()
-                            if data == b"[DONE]":
-                                if num > reported:
-                                    on_tokens(num - reported)
-                                return StreamResult(num, finish, usage)
-                            chunk = json.loads(data)
-                            error = chunk.get("error")
-                            if error:
-                                code = error.get("code") if isinstance(error, dict) else None
-                                status = int(code or 500)
-                                raise ServerError(f"error event: {error}", status)
-                            if on_chunk is not None:
-                                on_chunk(chunk)
-                            for choice in chunk.get("choices") or []:
-                                num += _num_tokens(choice)
-                                finish = choice.get("finish_reason") or finish
-                            if chunk.get("usage") and not chunk.get("choices"):
-                                usage = int(chunk["usage"].get("completion_tokens") or 0)
-                        if num > reported:
-                            on_tokens(num - reported)
-                            reported = num
-                            deadline.reschedule(loop.time() + timeouts.idle_s)
-                except asyncio.CancelledError:
-                    resp.close()
-                    raise
+                # whatever has arrived at once, every chunk in it, with one token report and
+                # one deadline move per read rather than per chunk
+                pending = b""
+                while True:
+                    block = await resp.content.readany()
+                    if not block:
+                        raise StreamBroken(f"stream closed after {num} tokens, no [DONE]")
+                    *lines, pending = (pending + block).split(b"\n")
+                    for line in lines:
+                        data = line.strip()
+                        if not data.startswith(b"data:"):
+                            continue
+                        data = data[5:].strip()
+                        if data == b"[DONE]":
+                            if num > reported:
+                                on_tokens(num - reported)
+                            _release_when_ended(resp)
+                            return StreamResult(num, finish, usage)
+                        chunk = json.loads(data)
+                        error = chunk.get("error")
+                        if error:
+                            code = error.get("code") if isinstance(error, dict) else None
+                            raise ServerError(f"error event: {error}", int(code or 500))
+                        if on_chunk is not None:
+                            on_chunk(chunk)
+                        for choice in chunk.get("choices") or []:
+                            num += _num_tokens(choice)
+                            finish = choice.get("finish_reason") or finish
+                        if chunk.get("usage") and not chunk.get("choices"):
+                            usage = int(chunk["usage"].get("completion_tokens") or 0)
+                    if num > reported:
+                        on_tokens(num - reported)
+                        reported = num
+                        deadline.reschedule(loop.time() + timeouts.idle_s)
+            except BaseException:
+                resp.close()  # cancelled or failed: the server sees the client go (vLLM aborts)
+                raise
     except TimeoutError as exc:
         what = "first token" if num == 0 else "next chunk"
         limit = timeouts.first_token_s if num == 0 else timeouts.idle_s
