@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.vllm.metrics_scrape import MetricsScraper, parse_prometheus_text
+from backends.vllm.metrics_scrape import MetricsScraper
 from backends.vllm.pd import PREFILL_KV_PARAMS, HandoffStore
 from backends.vllm.prompts import prompt_token_ids
 from cpsim.backend import Clock, EngineEvents, check_started
@@ -61,9 +61,6 @@ class _Server:
     failures: int = 0
     adapters: frozenset[str] = frozenset()  # LoRA adapters it serves (requests name them)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    num_blocks: int | None = None  # its KV cache, from vllm:cache_config_info
-    block_size: int = 16
-    kv_usage: float | None = None  # the share of its KV cache in use, last scraped
 
 
 @dataclass
@@ -262,17 +259,18 @@ class HTTPBackend:
         server with neither (not scraped yet) is left out."""
         out: dict[str, list[DecodeView]] = {}
         for iid, server in self._servers.items():
-            if not server.healthy or (server.num_blocks is None and server.kv_usage is None):
+            cache = server.scraper  # its KV cache's size and usage, as last scraped
+            if not server.healthy or (cache.num_blocks is None and cache.kv_usage_frac is None):
                 continue
             flights = [self._flights.get(rid) for rid in server.tasks]
             decoding = [f for f in flights if f is not None and f.num_made and not f.moving]
             contexts = [len(f.prompt_ids or ()) + f.num_made for f in decoding]
             views = out[iid] = []
             for flight, context in zip(decoding, contexts, strict=True):
-                if server.num_blocks is not None:
-                    share = -(-context // server.block_size) / server.num_blocks
+                if cache.num_blocks is not None:
+                    share = -(-context // cache.block_size) / cache.num_blocks
                 else:
-                    share = (server.kv_usage or 0.0) * context / sum(contexts)
+                    share = (cache.kv_usage_frac or 0.0) * context / sum(contexts)
                 remaining = flight.dispatch.request.max_tokens - flight.num_made
                 views.append(DecodeView(flight.dispatch.request_id, iid, context, remaining, share))
         return out
@@ -540,22 +538,8 @@ class HTTPBackend:
         except Exception:
             return  # health checks decide about failures
         if status == 200 and self._events is not None:
-            if server.num_blocks is None:
-                self._read_cache_config(server, text)
             now = self._clock()
-            snapshot = server.scraper.snapshot(text, now)
-            server.kv_usage = snapshot.kv_cache_usage_frac
-            self._events.on_snapshot(snapshot, now)
-
-    @staticmethod
-    def _read_cache_config(server: _Server, text: str) -> None:
-        """The KV cache's size, from vLLM's ``cache_config_info`` labels (read once)."""
-        for labels, _ in parse_prometheus_text(text).get("vllm:cache_config_info", ()):
-            blocks, size = labels.get("num_gpu_blocks"), labels.get("block_size")
-            if blocks and blocks.isdigit() and int(blocks) > 0:
-                server.num_blocks = int(blocks)
-                if size and size.isdigit() and int(size) > 0:
-                    server.block_size = int(size)
+            self._events.on_snapshot(server.scraper.snapshot(text, now), now)
 
     async def _scrape_loop(self) -> None:
         while True:

@@ -12,6 +12,7 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"  # a fraction in [0, 1] despite the name
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
+CACHE_CONFIG = "vllm:cache_config_info"  # labels num_gpu_blocks and block_size
 
 Sample = tuple[dict[str, str], float]
 
@@ -81,9 +82,14 @@ def metric_mean(samples: dict[str, list[Sample]], name: str) -> float | None:
 class MetricsScraper:
     """Turns successive /metrics pages of one instance into snapshots. The prefix-cache hit
     rate is over the tokens looked up since the previous page (the last rate when none).
-    Health is left unset (None): the backend's health checks own it."""
+    Health is left unset (None): the backend's health checks own it. It also keeps the last
+    page's KV usage and the KV cache's size (``num_blocks`` of ``block_size`` tokens, from
+    ``vllm:cache_config_info``; None where the engine does not export it)."""
 
     instance_id: str
+    kv_usage_frac: float | None = None
+    num_blocks: int | None = None
+    block_size: int = 16
     _last_queries: float | None = None
     _last_hits: float | None = None
     _hit_rate: float | None = None
@@ -93,15 +99,26 @@ class MetricsScraper:
         running = metric_sum(samples, RUNNING)
         waiting = metric_sum(samples, WAITING)
         kv = metric_mean(samples, KV_USAGE)
+        self.kv_usage_frac = None if kv is None else min(1.0, max(0.0, kv))
         self._update_hit_rate(metric_sum(samples, PREFIX_QUERIES), metric_sum(samples, PREFIX_HITS))
+        if self.num_blocks is None:
+            self._read_cache_config(samples)
         return InstanceSnapshot(
             self.instance_id,
             now,
             num_running=None if running is None else int(running),
             num_waiting=None if waiting is None else int(waiting),
-            kv_cache_usage_frac=None if kv is None else min(1.0, max(0.0, kv)),
+            kv_cache_usage_frac=self.kv_usage_frac,
             prefix_cache_hit_rate=self._hit_rate,
         )
+
+    def _read_cache_config(self, samples: dict[str, list[Sample]]) -> None:
+        for labels, _ in samples.get(CACHE_CONFIG, ()):
+            blocks, size = labels.get("num_gpu_blocks", ""), labels.get("block_size", "")
+            if blocks.isdigit() and int(blocks) > 0:
+                self.num_blocks = int(blocks)
+                if size.isdigit() and int(size) > 0:
+                    self.block_size = int(size)
 
     def _update_hit_rate(self, queries: float | None, hits: float | None) -> None:
         if queries is None or hits is None:

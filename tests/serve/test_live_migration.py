@@ -237,8 +237,8 @@ def test_decoding_views_price_each_request_s_share_of_its_engine_s_kv_cache(
     from cpsim.views import Phase
 
     http = backend()
-    server = _Server("a", "http://127.0.0.1:1", MetricsScraper("a"), 32000,
-                     num_blocks=num_blocks, kv_usage=kv_usage)  # fmt: skip
+    scraped = MetricsScraper("a", kv_usage_frac=kv_usage, num_blocks=num_blocks)
+    server = _Server("a", "http://127.0.0.1:1", scraped, 32000)
     http._servers["a"] = server
     for rid, prompt in (("short", 100), ("long", 300)):
         meta = RequestMetadata(rid, num_prompt_tokens=prompt, max_tokens=50)
