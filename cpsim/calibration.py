@@ -4,7 +4,8 @@ Each file under ``cpsim/data/calibrations/`` is written by ``python -m
 experiments.fit_latency_model`` from public measurements (``data/published/``): the GPU's
 achieved HBM bandwidth from per-operator kernel timings, its all-reduce latency and
 bandwidth by TP from collective timings, and the engine's achieved FLOP fraction and fixed
-costs (per step, per layer, per sequence) from whole-step timings of a real engine. The
+costs (per step, per layer, per sequence) from whole-step timings of a real engine, and its
+point-to-point transfer cost within and between nodes (a pipeline stage's hand-off). The
 file says where each number comes from and how far the fit is from the data it held out
 (``docs/latency-model.md``)."""
 
@@ -17,10 +18,12 @@ from typing import Any
 from cpsim.datafiles import data_names, from_known_keys, read_data
 from cpsim.validation import check_non_negative, check_positive, check_range
 
+SEND_RECV_PATHS = ("intra_node", "inter_node")
+
 
 @dataclass(frozen=True, slots=True)
-class AllReduceCost:
-    """One all-reduce among ``tp`` GPUs: ``latency_s`` + bytes / ``bytes_per_s``."""
+class LinkCost:
+    """One collective or transfer of a message: ``latency_s`` + bytes / ``bytes_per_s``."""
 
     latency_s: float
     bytes_per_s: float
@@ -44,7 +47,9 @@ class Calibration:
       tokens (scheduling, input preparation, sampling launch); ``seq_s`` per sequence;
     - ``token_sq_factor``: a step's working set outgrowing on-chip caches, priced as
       ``token_sq_factor`` x hidden x tokens^2 FLOPs per layer and GPU;
-    - ``all_reduce``: measured all-reduce cost by TP degree on the GPU's interconnect."""
+    - ``all_reduce``: measured all-reduce cost by TP degree on the GPU's interconnect;
+    - ``send_recv``: measured cost of one GPU sending to another, ``"intra_node"`` (NVLink)
+      and ``"inter_node"`` (the node's network): a pipeline stage's hand-off."""
 
     name: str
     gpu: str
@@ -59,7 +64,8 @@ class Calibration:
     decode_step_s: float
     seq_s: float
     token_sq_factor: float
-    all_reduce: dict[int, AllReduceCost] = field(default_factory=dict)
+    all_reduce: dict[int, LinkCost] = field(default_factory=dict)
+    send_recv: dict[str, LinkCost] = field(default_factory=dict)
     applies_to: tuple[str, ...] = ()
     source: str = ""
 
@@ -79,12 +85,15 @@ class Calibration:
             check_non_negative(f, getattr(self, f))
         for tp in self.all_reduce:
             check_positive("all_reduce TP degree", tp, integer=True)
+        wrong = sorted(set(self.send_recv) - set(SEND_RECV_PATHS))
+        if wrong:
+            raise ValueError(f"send_recv paths {wrong} are unknown; allowed: {SEND_RECV_PATHS}")
 
     def flop_fraction_at(self, tensor_parallel_size: int) -> float:
         scale: float = float(tensor_parallel_size) ** -self.flop_fraction_tp_exponent
         return self.flop_fraction * scale
 
-    def all_reduce_at(self, tensor_parallel_size: int) -> AllReduceCost | None:
+    def all_reduce_at(self, tensor_parallel_size: int) -> LinkCost | None:
         """The measured cost at this TP, else at the nearest larger measured TP (a superset of
         the group's hops), else at the largest measured; None when nothing is measured."""
         if not self.all_reduce:
@@ -97,8 +106,12 @@ class Calibration:
         data = dict(data)
         data.pop("fit", None)  # the fit's own record (data used, held-out errors): for people
         data["all_reduce"] = {
-            int(tp): AllReduceCost(float(v["latency_s"]), float(v["bytes_per_s"]))
+            int(tp): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
             for tp, v in (data.get("all_reduce") or {}).items()
+        }
+        data["send_recv"] = {
+            str(path): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
+            for path, v in (data.get("send_recv") or {}).items()
         }
         data["applies_to"] = tuple(data.get("applies_to") or ())
         return from_known_keys(cls, data, "calibration")

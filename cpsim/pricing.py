@@ -117,6 +117,7 @@ def _roofline(instance: ExecutionInstance, model_spec: ModelSpec | None) -> Roof
         instance.gpu_type,
         instance.tensor_parallel_size,
         instance.pipeline_parallel_size,
+        gpus_per_node=instance.gpus_per_node,
     )
 
 

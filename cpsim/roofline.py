@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 
 from cpsim.calibration import (
-    AllReduceCost,
     Calibration,
+    LinkCost,
     calibration_for_gpu,
     load_calibration,
 )
@@ -23,6 +23,8 @@ from cpsim.views import InstanceView, RequestView
 ACTIVATION_BYTES = 2.0  # bf16 activations on the wire
 FALLBACK_CALIBRATION = "vllm-a100-80gb"  # for a GPU with none of its own: the most measured
 NOMINAL_LINK_LATENCY_S = 10e-6  # an all-reduce or hand-off on a link nothing measured
+NOMINAL_NODE_NETWORK_BYTES_S = 25e9  # one 200 Gb/s NIC per GPU, where nothing measured
+DEFAULT_GPUS_PER_NODE = 8  # an HGX / DGX node
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +51,11 @@ class StageCost:
         return self.memory_s >= self.compute_s
 
 
-def nominal_all_reduce(gpu: GPUSpec, tensor_parallel_size: int) -> AllReduceCost:
+def nominal_all_reduce(gpu: GPUSpec, tensor_parallel_size: int) -> LinkCost:
     """A ring all-reduce at the link's quoted bandwidth: 2 (tp - 1) / tp of the message
     crosses each GPU's link one way."""
     tp = tensor_parallel_size
-    return AllReduceCost(
-        NOMINAL_LINK_LATENCY_S, gpu.link_bytes_s_per_direction * tp / (2.0 * (tp - 1))
-    )
+    return LinkCost(NOMINAL_LINK_LATENCY_S, gpu.link_bytes_s_per_direction * tp / (2.0 * (tp - 1)))
 
 
 class RooflineLatencyModel:
@@ -77,7 +77,9 @@ class RooflineLatencyModel:
     other through the pp stages, so in steady state a step costs pp stage-times of one
     micro-batch (pp x stage(batch / m)) plus (pp - 1) activation hand-offs on its critical
     path. A lone sequence (m = 1) thus costs the whole model's time; pp micro-batches fill
-    the pipeline."""
+    the pipeline. A hand-off is one GPU sending to the next stage's, at the calibration's
+    measured send/recv cost: within a node, or across nodes where the stages, placed in
+    order on nodes of ``gpus_per_node`` GPUs, reach the next node."""
 
     def __init__(
         self,
@@ -88,12 +90,14 @@ class RooflineLatencyModel:
         calibration: Calibration | str | None = None,
         link_latency_s: float = NOMINAL_LINK_LATENCY_S,
         max_num_batched_tokens: int = 8192,
+        gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
     ) -> None:
         self.model = load_model_spec(model) if isinstance(model, str) else model
         self.gpu = load_gpu_spec(gpu) if isinstance(gpu, str) else gpu
         check_positive("tensor_parallel_size", tensor_parallel_size, integer=True)
         check_positive("pipeline_parallel_size", pipeline_parallel_size, integer=True)
         check_non_negative("link_latency_s", link_latency_s)
+        check_positive("gpus_per_node", gpus_per_node, integer=True)
         if pipeline_parallel_size > self.model.num_layers:
             raise ValueError(
                 f"pipeline_parallel_size={pipeline_parallel_size} exceeds the "
@@ -115,6 +119,18 @@ class RooflineLatencyModel:
         )
         all_reduce = None if own is None else own.all_reduce_at(tensor_parallel_size)
         self.all_reduce = all_reduce or nominal_all_reduce(self.gpu, max(2, tensor_parallel_size))
+        measured = {} if own is None else own.send_recv
+        nominal = {
+            "intra_node": LinkCost(link_latency_s, self.gpu.link_bytes_s_per_direction),
+            "inter_node": LinkCost(link_latency_s, NOMINAL_NODE_NETWORK_BYTES_S),
+        }
+        self.send_recv = nominal | measured
+        self.gpus_per_node = gpus_per_node
+        # stage boundaries that reach the next node (stage i holds GPUs i*tp .. i*tp + tp - 1)
+        tp, pp = tensor_parallel_size, pipeline_parallel_size
+        self.inter_node_handoffs = sum(
+            (i * tp - 1) // gpus_per_node != (i * tp) // gpus_per_node for i in range(1, pp)
+        )
         # per-GPU rates and per-layer constants, computed once: the simulator prices every step
         cal, tp = self.calibration, tensor_parallel_size
         self._flops_s = self.gpu.peak_flops * cal.flop_fraction_at(tp)
@@ -166,9 +182,9 @@ class RooflineLatencyModel:
         if pp > 1:
             tokens = (batch.num_prefill_tokens + batch.num_decode_seqs) / micro
             handoff_bytes = tokens * self.model.hidden_size * ACTIVATION_BYTES
-            time_s += (pp - 1) * (
-                handoff_bytes / self.gpu.link_bytes_s_per_direction + self.link_latency_s
-            )
+            inter = self.inter_node_handoffs
+            time_s += (pp - 1 - inter) * self.send_recv["intra_node"].time_s(handoff_bytes)
+            time_s += inter * self.send_recv["inter_node"].time_s(handoff_bytes)
         return time_s
 
     def predict(self, request: RequestView, instance: InstanceView) -> LatencyEstimate:
@@ -178,5 +194,6 @@ class RooflineLatencyModel:
         return (
             f"RooflineLatencyModel({self.model.name!r}, {self.gpu.name!r}, "
             f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}, "
+            f"gpus_per_node={self.gpus_per_node}, "
             f"calibration={self.calibration.name!r})"
         )

@@ -323,6 +323,8 @@ class ExecutionInstance:
             self.prefilling_config = PrefillingConfig()
         if self.decoding_config is None:
             self.decoding_config = DecodingConfig()
+        if "gpus_per_node" in self.metadata:
+            check_positive("gpus_per_node", self.metadata["gpus_per_node"], integer=True)
         prefill_tp = self.prefilling_config.tensor_parallel_size
         if prefill_tp is not None and prefill_tp != self.tensor_parallel_size:
             raise ValueError(
@@ -337,6 +339,12 @@ class ExecutionInstance:
         """The LoRA adapters it serves beside its model (``metadata["lora_adapters"]``):
         requests naming one as their model may run here."""
         return frozenset(str(a) for a in self.metadata.get("lora_adapters") or ())
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs per node where it runs (``metadata["gpus_per_node"]``, default 8): its
+        pipeline stages, placed in order, cross to the next node at that boundary."""
+        return int(self.metadata.get("gpus_per_node", 8))
 
     @property
     def max_num_seqs(self) -> int:

@@ -45,8 +45,10 @@ GROUP_KEYS = {
     "lora_adapters",  # LoRA adapters served beside the base model (requests name them)
     "max_loras",  # distinct adapters one batch may hold (vLLM's --max-loras)
     "lora_step_overhead_frac",  # a step's extra cost while an adapter runs
+    "gpus_per_node",  # GPUs per node its replicas run on (default 8): where PP crosses nodes
 }
-LORA_KEYS = ("lora_adapters", "max_loras", "lora_step_overhead_frac")
+# group keys its instances carry in their metadata
+METADATA_KEYS = ("lora_adapters", "max_loras", "lora_step_overhead_frac", "gpus_per_node")
 
 
 @dataclass
@@ -101,7 +103,7 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                     # the group's own profile (conf/profile/): prices its replicas; its pool
                     metadata={"pool": group["name"]}
                     | ({"profile": group["profile"]} if group.get("profile") else {})
-                    | {key: group[key] for key in LORA_KEYS if group.get(key) is not None},
+                    | {key: group[key] for key in METADATA_KEYS if group.get(key) is not None},
                 )
             )
     return out

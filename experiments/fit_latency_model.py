@@ -9,13 +9,17 @@ Three public sources, each for what it measures (data/published/*/README.md):
 - Vidur's per-operator kernel timings (microsoft/vidur, A100 and H100): the HBM bandwidth a
   GPU achieves on weight reads, from the linear layers' time at one token;
 - Vidur's all-reduce timings (DGX A100 / DGX H100): latency and bandwidth by TP degree;
+- Vidur's send/recv timings (the same nodes): one GPU to another within a node (NVLink) and
+  across two nodes (their network), the hand-off between pipeline stages;
 - Splitwise's whole-step timings of vLLM (Mutinifni/splitwise-sim, DGX A100 / DGX H100,
   Llama-2-70B at TP 2/4/8 and BLOOM-176B at TP8): prefill of a batch of prompts and the
   decode step at a batch size, from which the engine's FLOP fraction and fixed costs come.
 
 Held-out check: the engine terms are fitted on Llama-2-70B at TP 2 and 4 only and predict
 Llama-2-70B at TP8 and BLOOM-176B (another model) at TP8; the bandwidth fraction is fitted
-on three of Vidur's models at TP 1-4 and predicts the others and TP8. The shipped
+on three of Vidur's models at TP 1-4 and predicts the others and TP8; the send/recv cost is
+fitted on messages up to 1 MiB (a decode step's hand-off) and predicts the larger ones (a
+prefill's). The shipped
 calibrations are then fitted on all of Splitwise's steps (``--write``).
 """
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cpsim.calibration import AllReduceCost, Calibration
+from cpsim.calibration import Calibration, LinkCost
 from cpsim.gpus import load_gpu_spec
 from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
@@ -114,19 +118,65 @@ def fit_bandwidth(layers: pd.DataFrame, peak_bytes_s: float) -> tuple[float, flo
     return 1.0 / float(inverse), float(floor)
 
 
-def fit_all_reduce(network_folder: str) -> dict[int, AllReduceCost]:
-    """Latency and bandwidth per TP degree within one node, least squares on relative
-    error over messages up to 64 MiB."""
+def fit_link(times: pd.Series) -> LinkCost:
+    """Latency and bandwidth from times (s) indexed by message bytes, least squares on
+    relative error."""
+    a = np.vstack([np.ones(len(times)), times.index.to_numpy(dtype=float)]).T
+    w = 1.0 / times.to_numpy()
+    (latency, per_byte), *_ = np.linalg.lstsq(a * w[:, None], times.to_numpy() * w, rcond=None)
+    return LinkCost(max(0.0, float(latency)), 1.0 / float(per_byte))
+
+
+def _median_times(d: pd.DataFrame, column: str) -> pd.Series:
+    """Median time (s) by message size over the repeated sizes, up to 64 MiB."""
+    d = d[d["size"] <= 64 * 2**20]
+    return d.groupby("size")[column].median() / 1e3
+
+
+def fit_all_reduce(network_folder: str) -> dict[int, LinkCost]:
+    """Latency and bandwidth per TP degree within one node, over messages up to 64 MiB."""
     d = pd.read_csv(VIDUR / "network" / network_folder / "all_reduce.csv")
-    d = d[(d.devices_per_node == d.num_workers) & (d["size"] <= 64 * 2**20)]
-    out = {}
-    for tp, group in d.groupby("num_workers"):
-        t = group.groupby("size")["time_stats.all_reduce.median"].median() / 1e3
-        a = np.vstack([np.ones(len(t)), t.index.to_numpy(dtype=float)]).T
-        w = 1.0 / t.to_numpy()
-        (latency, per_byte), *_ = np.linalg.lstsq(a * w[:, None], t.to_numpy() * w, rcond=None)
-        out[int(tp)] = AllReduceCost(max(0.0, float(latency)), 1.0 / float(per_byte))
-    return out
+    d = d[d.devices_per_node == d.num_workers]
+    return {
+        int(tp): fit_link(_median_times(group, "time_stats.all_reduce.median"))
+        for tp, group in d.groupby("num_workers")
+    }
+
+
+def send_recv_times(network_folder: str) -> dict[str, pd.Series]:
+    """One GPU sending to another: both on one node, and on two nodes."""
+    d = pd.read_csv(VIDUR / "network" / network_folder / "send_recv.csv")
+    paths = {"intra_node": d.devices_per_node == 2, "inter_node": d.devices_per_node == 1}
+    column = "time_stats.send_recv.median"
+    return {path: _median_times(d[rows], column) for path, rows in paths.items()}
+
+
+def fit_send_recv(network_folder: str) -> dict[str, LinkCost]:
+    return {path: fit_link(t) for path, t in send_recv_times(network_folder).items()}
+
+
+def send_recv_report(network_folder: str) -> pd.DataFrame:
+    """Per path: the fit on all messages and its |error|; the fit on messages up to 1 MiB (a
+    decode step's hand-off, tokens x hidden x 2 bytes) and its |error| on the larger ones (a
+    prefill chunk's)."""
+    rows = []
+    for path, t in send_recv_times(network_folder).items():
+        full, held = fit_link(t), fit_link(t[t.index <= 2**20])
+        large = t[t.index > 2**20]
+        in_err = ((full.latency_s + t.index / full.bytes_per_s) / t - 1).abs() * 100
+        out_err = ((held.latency_s + large.index / held.bytes_per_s) / large - 1).abs() * 100
+        rows.append(
+            {
+                "path": path,
+                "latency_us": round(full.latency_s * 1e6, 1),
+                "GB_per_s": round(full.bytes_per_s / 1e9, 1),
+                "median_abs_pct": round(float(in_err.median()), 1),
+                "held_out_n": len(large),
+                "held_out_median_abs_pct": round(float(out_err.median()), 1),
+                "held_out_p90_abs_pct": round(float(out_err.quantile(0.9)), 1),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------- the engine's terms
@@ -301,6 +351,7 @@ def gpu_terms(gpu_key: str) -> tuple[Calibration, dict[str, float]]:
         bandwidth_fraction=round(fraction, 4),
         **{t[0]: t[1] for t in ENGINE_TERMS},
         all_reduce=fit_all_reduce(network),
+        send_recv=fit_send_recv(network),
         applies_to=applies_to,
     )
     notes = {
@@ -326,6 +377,13 @@ def calibration_json(cal: Calibration, fit: dict[str, object]) -> dict[str, obje
             }
             for tp, c in sorted(cal.all_reduce.items())
         },
+        "send_recv": {
+            path: {
+                "latency_s": float(f"{c.latency_s:.6g}"),
+                "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
+            }
+            for path, c in cal.send_recv.items()
+        },
         "source": cal.source,
         "fit": fit,
     }
@@ -334,15 +392,21 @@ def calibration_json(cal: Calibration, fit: dict[str, object]) -> dict[str, obje
 SOURCE = (
     "Fitted by `python -m experiments.fit_latency_model --write` on public measurements: "
     "bandwidth_fraction on Vidur's per-operator kernel timings (microsoft/vidur, MIT), "
-    "all_reduce on Vidur's DGX all-reduce timings, the engine terms on Splitwise's vLLM step "
-    "timings (Mutinifni/splitwise-sim data/perf_model.csv, MIT); see data/published/ and "
+    "all_reduce and send_recv on Vidur's DGX collective timings, the engine terms on "
+    "Splitwise's vLLM step timings (Mutinifni/splitwise-sim data/perf_model.csv, MIT); see "
+    "data/published/ and "
     "docs/latency-model.md"
 )
 
 
 def run(write: bool) -> dict[str, pd.DataFrame]:
     steps = splitwise_steps()
-    tables: dict[str, list[pd.DataFrame]] = {"held_out": [], "ratios": [], "in_sample": []}
+    tables: dict[str, list[pd.DataFrame]] = {
+        "held_out": [],
+        "ratios": [],
+        "in_sample": [],
+        "send_recv": [],
+    }
     for gpu_key in GPUS:
         base, notes = gpu_terms(gpu_key)
         base = replace(base, source=SOURCE)
@@ -355,6 +419,7 @@ def run(write: bool) -> dict[str, pd.DataFrame]:
         tables["ratios"].append(tp_ratios(err).assign(gpu=base.gpu))
         shipped = fit_engine(mine, base)
         tables["in_sample"].append(summary(errors(mine, shipped)).assign(gpu=base.gpu))
+        tables["send_recv"].append(send_recv_report(GPUS[gpu_key][2]).assign(gpu=base.gpu))
         if write:
             fit = {
                 "steps": len(mine),

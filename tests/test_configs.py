@@ -250,6 +250,24 @@ def test_defaults_compose_to_the_main_study() -> None:
     assert cfg.policy._target_.endswith("FIFOPolicy")
 
 
+def test_a_groups_gpus_per_node_places_its_pipeline_stages_on_nodes() -> None:
+    """The public TP4 x PP2 run put one four-GPU pod on each node: its hand-off crosses them."""
+    cfg = compose_config(
+        [
+            "cluster=llm_k8s_llama33_70b",
+            "~profile",
+            "cluster.groups.0.tensor_parallel_size=4",
+            "+cluster.groups.0.pipeline_parallel_size=2",
+            "+cluster.groups.0.gpus_per_node=4",
+        ]
+    )
+    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    (replica,) = build_replicas(cluster, None, pd_enabled=False)
+    assert replica.instance.gpus_per_node == 4
+    assert replica.latency.inter_node_handoffs == 1
+    assert "roofline" in replica.latency_source
+
+
 @pytest.mark.parametrize(
     "override",
     [

@@ -21,7 +21,7 @@ from cpsim.profiles import (
 )
 from cpsim.protocols import LatencyModel
 from cpsim.roofline import RooflineLatencyModel
-from cpsim.types import ExecutionInstanceType, RequestMetadata
+from cpsim.types import ExecutionInstance, ExecutionInstanceType, RequestMetadata
 from cpsim.views import InstanceView, RequestView
 
 PUBLISHED = Path("/work/shared/published_profiles/profiler-a100-80g.vllm.json")
@@ -199,20 +199,54 @@ def test_roofline_tp_splits_work_and_adds_all_reduces() -> None:
 
 
 def test_roofline_pipeline_is_stage_pipelined() -> None:
-    pp1 = RooflineLatencyModel("llama-3-8b", "A100-80GB", link_latency_s=0.0)
-    pp2 = RooflineLatencyModel(
-        "llama-3-8b", "A100-80GB", pipeline_parallel_size=2, link_latency_s=0.0
-    )
+    pp1 = RooflineLatencyModel("llama-3-8b", "A100-80GB")
+    pp2 = RooflineLatencyModel("llama-3-8b", "A100-80GB", pipeline_parallel_size=2)
+    intra = pp2.send_recv["intra_node"]  # both stages on one node: measured NVLink send/recv
+    assert intra == pp2.calibration.send_recv["intra_node"] and pp2.inter_node_handoffs == 0
     lone = StepBatch(2000, 2000**2, 0, 1)
     # one sequence cannot be split: it crosses both stages, the whole model's work, in sequence
-    handoff = 2000 * 4096 * 2 / pp2.gpu.link_bytes_s_per_direction
+    handoff = intra.time_s(2000 * 4096 * 2)
     assert pp2.step_time_s(lone) == pytest.approx(pp1.step_time_s(lone) + handoff, rel=1e-9)
     # many sequences: two micro-batches, each stage-time a half batch on half the layers
     batch = StepBatch(num_decode_seqs=64, decode_context_tokens=64 * 1000)
     stage = pp2.stage_cost(batch, 2)
     fixed = pp2.calibration.decode_step_s + 64 * pp2.calibration.seq_s  # once per step
-    expected = fixed + 2 * stage.time_s + 32 * 4096 * 2 / pp2.gpu.link_bytes_s_per_direction
+    expected = fixed + 2 * stage.time_s + intra.time_s(32 * 4096 * 2)
     assert pp2.step_time_s(batch) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "gpus_per_node", "inter"),
+    [(4, 2, 8, 0), (4, 2, 4, 1), (2, 4, 4, 1), (1, 8, 8, 0), (8, 2, 8, 1), (2, 4, 2, 3)],
+)
+def test_roofline_counts_the_handoffs_that_cross_nodes(
+    tp: int, pp: int, gpus_per_node: int, inter: int
+) -> None:
+    model = RooflineLatencyModel("llama-3-70b", "A100-80GB", tp, pp, gpus_per_node=gpus_per_node)
+    assert model.inter_node_handoffs == inter
+
+
+def test_roofline_prices_a_cross_node_handoff_at_the_network() -> None:
+    batch = StepBatch(2048, 2048**2, 0, 1)
+    one_node = RooflineLatencyModel("llama-3-70b", "A100-80GB", 4, 2)
+    two_nodes = RooflineLatencyModel("llama-3-70b", "A100-80GB", 4, 2, gpus_per_node=4)
+    sent = 2048 * 8192 * 2
+    measured = two_nodes.calibration.send_recv
+    assert measured["inter_node"].bytes_per_s < measured["intra_node"].bytes_per_s / 10
+    extra = measured["inter_node"].time_s(sent) - measured["intra_node"].time_s(sent)
+    assert two_nodes.step_time_s(batch) - one_node.step_time_s(batch) == pytest.approx(extra)
+    # a GPU with no calibration: its datasheet link within a node, a 200 Gb/s NIC across
+    l4 = RooflineLatencyModel("llama-3-8b", "L4", 1, 2, gpus_per_node=1)
+    assert l4.send_recv["inter_node"].bytes_per_s == 25e9 and l4.inter_node_handoffs == 1
+
+
+def test_roofline_and_instances_reject_a_bad_gpus_per_node() -> None:
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        RooflineLatencyModel("llama-3-8b", "A100-80GB", gpus_per_node=0)
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        ExecutionInstance("i", metadata={"gpus_per_node": 2.5})
+    assert ExecutionInstance("i", metadata={"gpus_per_node": 4}).gpus_per_node == 4
+    assert ExecutionInstance("i").gpus_per_node == 8
 
 
 def test_roofline_rejects_more_stages_than_layers() -> None:
