@@ -5,7 +5,8 @@ experiments.fit_latency_model`` from public measurements (``data/published/``): 
 achieved HBM bandwidth from per-operator kernel timings, its all-reduce latency and
 bandwidth by TP from collective timings, and the engine's achieved FLOP fraction and fixed
 costs (per step, per layer, per sequence) from whole-step timings of a real engine, and its
-point-to-point transfer cost within and between nodes (a pipeline stage's hand-off). The
+point-to-point transfer cost within and between nodes (a pipeline stage's hand-off), and
+its MoE all-to-all (dispatch and combine) cost by EP degree. The
 file says where each number comes from and how far the fit is from the data it held out
 (``docs/latency-model.md``)."""
 
@@ -49,7 +50,9 @@ class Calibration:
       ``token_sq_factor`` x hidden x tokens^2 FLOPs per layer and GPU;
     - ``all_reduce``: measured all-reduce cost by TP degree on the GPU's interconnect;
     - ``send_recv``: measured cost of one GPU sending to another, ``"intra_node"`` (NVLink)
-      and ``"inter_node"`` (the node's network): a pipeline stage's hand-off."""
+      and ``"inter_node"`` (the node's network): a pipeline stage's hand-off;
+    - ``all_to_all``: measured MoE dispatch / combine cost by EP degree, for the bytes one
+      GPU sends (tokens x experts per token x hidden x bytes per value)."""
 
     name: str
     gpu: str
@@ -66,6 +69,7 @@ class Calibration:
     token_sq_factor: float
     all_reduce: dict[int, LinkCost] = field(default_factory=dict)
     send_recv: dict[str, LinkCost] = field(default_factory=dict)
+    all_to_all: dict[int, LinkCost] = field(default_factory=dict)
     applies_to: tuple[str, ...] = ()
     source: str = ""
 
@@ -85,6 +89,8 @@ class Calibration:
             check_non_negative(f, getattr(self, f))
         for tp in self.all_reduce:
             check_positive("all_reduce TP degree", tp, integer=True)
+        for ep in self.all_to_all:
+            check_positive("all_to_all EP degree", ep, integer=True)
         wrong = sorted(set(self.send_recv) - set(SEND_RECV_PATHS))
         if wrong:
             raise ValueError(f"send_recv paths {wrong} are unknown; allowed: {SEND_RECV_PATHS}")
@@ -94,12 +100,12 @@ class Calibration:
         return self.flop_fraction * scale
 
     def all_reduce_at(self, tensor_parallel_size: int) -> LinkCost | None:
-        """The measured cost at this TP, else at the nearest larger measured TP (a superset of
-        the group's hops), else at the largest measured; None when nothing is measured."""
-        if not self.all_reduce:
-            return None
-        larger = [tp for tp in self.all_reduce if tp >= tensor_parallel_size]
-        return self.all_reduce[min(larger) if larger else max(self.all_reduce)]
+        """The measured all-reduce among ``tensor_parallel_size`` GPUs (see ``_at_degree``)."""
+        return _at_degree(self.all_reduce, tensor_parallel_size)
+
+    def all_to_all_at(self, expert_parallel_size: int) -> LinkCost | None:
+        """The measured dispatch / combine among ``expert_parallel_size`` GPUs."""
+        return _at_degree(self.all_to_all, expert_parallel_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -109,12 +115,25 @@ class Calibration:
             int(tp): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
             for tp, v in (data.get("all_reduce") or {}).items()
         }
+        data["all_to_all"] = {
+            int(ep): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
+            for ep, v in (data.get("all_to_all") or {}).items()
+        }
         data["send_recv"] = {
             str(path): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
             for path, v in (data.get("send_recv") or {}).items()
         }
         data["applies_to"] = tuple(data.get("applies_to") or ())
         return from_known_keys(cls, data, "calibration")
+
+
+def _at_degree(table: dict[int, LinkCost], degree: int) -> LinkCost | None:
+    """The cost measured at this group size, else at the nearest larger measured one (a
+    superset of the group's hops), else at the largest; None when nothing is measured."""
+    if not table:
+        return None
+    larger = [n for n in table if n >= degree]
+    return table[min(larger) if larger else max(table)]
 
 
 def available_calibrations() -> list[str]:

@@ -1,5 +1,6 @@
 """Analytical step latency: FLOPs and bytes against the GPU's achieved compute and bandwidth,
-with TP all-reduces, PP stages and the engine's fixed costs, calibrated on public data."""
+with TP all-reduces, PP stages, MoE experts and EP all-to-alls and the engine's fixed costs,
+calibrated on public data."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cpsim.calibration import (
 from cpsim.gpus import GPUSpec, load_gpu_spec
 from cpsim.latency import StepBatch
 from cpsim.models import ModelSpec, load_model_spec
+from cpsim.parallelism import expert_param_count
 from cpsim.profiles import predict_from_steps
 from cpsim.protocols import LatencyEstimate
 from cpsim.validation import check_non_negative, check_positive
@@ -79,7 +81,17 @@ class RooflineLatencyModel:
     path. A lone sequence (m = 1) thus costs the whole model's time; pp micro-batches fill
     the pipeline. A hand-off is one GPU sending to the next stage's, at the calibration's
     measured send/recv cost: within a node, or across nodes where the stages, placed in
-    order on nodes of ``gpus_per_node`` GPUs, reach the next node."""
+    order on nodes of ``gpus_per_node`` GPUs, reach the next node.
+
+    MoE: the routed experts' weights are sharded over max(tp, ep) GPUs, and a step reads only
+    the experts its tokens reach: with k of E experts per token, n tokens reach a fraction
+    1 - (1 - k/E)^n of them (uniform routing), so a small decode step reads a fraction of
+    the weights. With ep <= tp the experts stay in the TP group and its all-reduce sums
+    their outputs, as for a dense layer. With ep > tp the replica is one of ep / tp
+    data-parallel ranks of a wide-EP engine (vLLM's DP attention with EP): its experts see
+    the tokens of all ranks, and each MoE layer dispatches its tokens to their experts and
+    combines them back (tokens x k x hidden x 2 bytes per TP rank each way) at the
+    calibration's measured all-to-all cost for ep, in place of the MoE's all-reduce."""
 
     def __init__(
         self,
@@ -91,6 +103,7 @@ class RooflineLatencyModel:
         link_latency_s: float = NOMINAL_LINK_LATENCY_S,
         max_num_batched_tokens: int = 8192,
         gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+        expert_parallel_size: int = 1,
     ) -> None:
         self.model = load_model_spec(model) if isinstance(model, str) else model
         self.gpu = load_gpu_spec(gpu) if isinstance(gpu, str) else gpu
@@ -98,6 +111,18 @@ class RooflineLatencyModel:
         check_positive("pipeline_parallel_size", pipeline_parallel_size, integer=True)
         check_non_negative("link_latency_s", link_latency_s)
         check_positive("gpus_per_node", gpus_per_node, integer=True)
+        check_positive("expert_parallel_size", expert_parallel_size, integer=True)
+        if expert_parallel_size > 1 and not self.model.is_moe:
+            raise ValueError(
+                f"expert_parallel_size={expert_parallel_size} needs a mixture-of-experts "
+                f"model; {self.model.name} is dense: allowed 1"
+            )
+        if expert_parallel_size > self.model.num_experts:
+            raise ValueError(
+                f"expert_parallel_size={expert_parallel_size} exceeds the "
+                f"{self.model.num_experts} experts of {self.model.name}; allowed: 1 to "
+                f"{self.model.num_experts}"
+            )
         if pipeline_parallel_size > self.model.num_layers:
             raise ValueError(
                 f"pipeline_parallel_size={pipeline_parallel_size} exceeds the "
@@ -105,6 +130,7 @@ class RooflineLatencyModel:
             )
         self.tensor_parallel_size = tensor_parallel_size
         self.pipeline_parallel_size = pipeline_parallel_size
+        self.expert_parallel_size = expert_parallel_size
         self.link_latency_s = link_latency_s
         self.max_num_batched_tokens = max_num_batched_tokens
         if isinstance(calibration, str):
@@ -131,6 +157,23 @@ class RooflineLatencyModel:
         self.inter_node_handoffs = sum(
             (i * tp - 1) // gpus_per_node != (i * tp) // gpus_per_node for i in range(1, pp)
         )
+        # the all-to-all of an EP group wider than the TP group: measured, else the datasheet
+        # link within a node and a 200 Gb/s NIC beyond it
+        ep = expert_parallel_size
+        measured_a2a = None if own is None else own.all_to_all_at(ep)
+        self.all_to_all = measured_a2a or (
+            self.send_recv["intra_node"] if ep <= gpus_per_node else self.send_recv["inter_node"]
+        )
+        self.dispatches = ep > tp
+        # the weights and FLOPs of routed experts apart from the rest (attention, embeddings)
+        spec = self.model
+        expert_params = expert_param_count(spec)
+        self._expert_bytes = expert_params * spec.bytes_per_param
+        self._dense_bytes = spec.weight_bytes - self._expert_bytes
+        self._expert_active = expert_params * spec.num_experts_per_token / spec.num_experts
+        self._dense_active = spec.active_params - self._expert_active
+        self._expert_shards = max(tp, ep)
+        self._routed_per_token = max(1.0, ep / tp)  # tokens of every DP rank reach its experts
         # per-GPU rates and per-layer constants, computed once: the simulator prices every step
         cal, tp = self.calibration, tensor_parallel_size
         self._flops_s = self.gpu.peak_flops * cal.flop_fraction_at(tp)
@@ -147,19 +190,28 @@ class RooflineLatencyModel:
         tokens = prefill_tokens + decode_seqs
         mean_context = batch.prefill_context_tokens / max(1, batch.num_prefill_seqs)
         pairs = batch.sum_sq_prefill_tokens / 2.0 / m + prefill_tokens * mean_context
-        # per GPU: 1/tp of each layer, 1/pp of the layers
-        linear_flops = 2.0 * spec.active_params * tokens / (tp * pp)
+        # per GPU: 1/tp of each layer (1/max(tp, ep) of the experts), 1/pp of the layers
+        routed = tokens * self._routed_per_token
+        shards = self._expert_shards
+        linear_flops = (
+            2.0 * (self._dense_active * tokens / tp + self._expert_active * routed / shards) / pp
+        )
         attention_flops = 4.0 * layers * spec.hidden_size * pairs / tp
         working_set_flops = (
             self.calibration.token_sq_factor * layers * spec.hidden_size * tokens**2 / tp
         )
-        weight_bytes = spec.weight_bytes / (tp * pp)
+        weight_bytes = (
+            self._dense_bytes / tp + self._expert_bytes * self.reached(routed) / shards
+        ) / pp
         kv_tokens = (batch.decode_context_tokens + batch.prefill_context_tokens) / m + tokens
         kv_bytes = spec.kv_bytes_per_token() * kv_tokens / (tp * pp)
         comm_s = 0.0
-        if tp > 1:
-            message = tokens * spec.hidden_size * ACTIVATION_BYTES
-            comm_s = 2.0 * layers * self.all_reduce.time_s(message)
+        message = tokens * spec.hidden_size * ACTIVATION_BYTES
+        if tp > 1:  # after attention and after the MLP (the MoE's when its experts are in TP)
+            comm_s = (1.0 if self.dispatches else 2.0) * layers * self.all_reduce.time_s(message)
+        if self.dispatches:  # dispatch and combine: k copies of its share of the tokens
+            sent = message * spec.num_experts_per_token / tp
+            comm_s += 2.0 * layers * self.all_to_all.time_s(sent)
         return StageCost(
             compute_s=linear_flops / self._flops_s,
             memory_s=weight_bytes / self._bytes_s,
@@ -169,6 +221,15 @@ class RooflineLatencyModel:
             overhead_s=layers * self._layer_overhead_s,
             overlap_exponent=self.calibration.overlap_exponent,
         )
+
+    def reached(self, tokens: float) -> float:
+        """The fraction of a layer's experts that ``tokens`` routed tokens reach (1 for a
+        dense model, whose one MLP every token uses)."""
+        spec = self.model
+        if not spec.is_moe:
+            return 1.0
+        miss: float = (1.0 - spec.num_experts_per_token / spec.num_experts) ** tokens
+        return 1.0 - miss
 
     def step_time_s(self, batch: StepBatch) -> float:
         if batch.num_prefill_tokens == 0 and batch.num_decode_seqs == 0:
@@ -194,6 +255,6 @@ class RooflineLatencyModel:
         return (
             f"RooflineLatencyModel({self.model.name!r}, {self.gpu.name!r}, "
             f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}, "
-            f"gpus_per_node={self.gpus_per_node}, "
+            f"ep={self.expert_parallel_size}, gpus_per_node={self.gpus_per_node}, "
             f"calibration={self.calibration.name!r})"
         )

@@ -11,6 +11,8 @@ Three public sources, each for what it measures (data/published/*/README.md):
 - Vidur's all-reduce timings (DGX A100 / DGX H100): latency and bandwidth by TP degree;
 - Vidur's send/recv timings (the same nodes): one GPU to another within a node (NVLink) and
   across two nodes (their network), the hand-off between pipeline stages;
+- DeepEP's published low-latency dispatch and combine timings (H800, EP 8-256): the MoE
+  all-to-all's latency and bandwidth by EP degree, for the H100 calibration;
 - Splitwise's whole-step timings of vLLM (Mutinifni/splitwise-sim, DGX A100 / DGX H100,
   Llama-2-70B at TP 2/4/8 and BLOOM-176B at TP8): prefill of a batch of prompts and the
   decode step at a batch size, from which the engine's FLOP fraction and fixed costs come.
@@ -19,7 +21,8 @@ Held-out check: the engine terms are fitted on Llama-2-70B at TP 2 and 4 only an
 Llama-2-70B at TP8 and BLOOM-176B (another model) at TP8; the bandwidth fraction is fitted
 on three of Vidur's models at TP 1-4 and predicts the others and TP8; the send/recv cost is
 fitted on messages up to 1 MiB (a decode step's hand-off) and predicts the larger ones (a
-prefill's). The shipped
+prefill's); the all-to-all is fitted on EP 8-64 and prices EP 128 and 256 from EP 64's. The
+shipped
 calibrations are then fitted on all of Splitwise's steps (``--write``).
 """
 
@@ -42,6 +45,7 @@ from cpsim.roofline import RooflineLatencyModel
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDUR = ROOT / "data" / "published" / "vidur-profiling"
+DEEPEP = ROOT / "data" / "published" / "deepep-low-latency" / "low_latency.csv"
 SPLITWISE = ROOT / "data" / "published" / "splitwise-perf-model" / "perf_model.csv"
 OUT = ROOT / "cpsim" / "data" / "calibrations"
 
@@ -50,6 +54,11 @@ GPUS = {
     "a100-80gb": ("A100-80GB", "a100", "a100_dgx", ("A100-40GB",)),
     "h100-80gb": ("H100-SXM", "h100", "h100_dgx", ("H200",)),
 }
+ALL_TO_ALL_GPUS = ("h100-80gb",)  # DeepEP measured H800s: an H100 with less NVLink
+# DeepEP's test setting: tokens per GPU, experts per token, and bytes per token and expert
+DEEPEP_TOKENS, DEEPEP_TOPK = 128, 8
+DEEPEP_BYTES = {"dispatch": 7168 + 7168 / 128 * 4 + 16, "combine": 7168 * 2}  # FP8, BF16
+ALL_TO_ALL_FIT_EP = (8, 16, 32, 64)
 MODELS = {"llama2-70b": "llama-2-70b", "bloom-176b": "bloom-176b"}
 # The linear layers and the small kernels around them, one decoder layer (Vidur's mlp.csv)
 LAYER_OPS = (
@@ -177,6 +186,58 @@ def send_recv_report(network_folder: str) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def deepep_times() -> pd.DataFrame:
+    """DeepEP's table with the bytes one GPU sends per kernel and the time in s."""
+    d = pd.read_csv(DEEPEP)
+    d["bytes"] = d.kernel.map(DEEPEP_BYTES) * DEEPEP_TOKENS * DEEPEP_TOPK
+    d["time_s"] = d.latency_us / 1e6
+    return d
+
+
+def fit_all_to_all(eps: tuple[int, ...] | None = None) -> dict[int, LinkCost]:
+    """Per EP degree, the line through dispatch's (bytes, time) and combine's: a latency and
+    a bandwidth (combine also reduces, so this counts it as a larger message)."""
+    d = deepep_times()
+    out = {}
+    for ep, group in d.groupby("ep"):
+        if eps is not None and ep not in eps:
+            continue
+        k = group.set_index("kernel")
+        per_byte = (k.time_s["combine"] - k.time_s["dispatch"]) / (
+            k.bytes["combine"] - k.bytes["dispatch"]
+        )
+        latency = k.time_s["dispatch"] - k.bytes["dispatch"] * per_byte
+        out[int(ep)] = LinkCost(max(0.0, float(latency)), 1.0 / float(per_byte))
+    return out
+
+
+def all_to_all_report() -> pd.DataFrame:
+    """The fit per EP degree, and DeepEP's times against the calibration fitted on EP 8-64
+    (EP 128 and 256 priced at EP 64's, as Calibration.all_to_all_at does)."""
+    held = Calibration(
+        "held", "H100-SXM", "", 0.5, 0.5, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        all_to_all=fit_all_to_all(ALL_TO_ALL_FIT_EP),
+    )
+    fitted = fit_all_to_all()
+    rows = []
+    for r in deepep_times().itertuples():
+        cost = held.all_to_all_at(int(r.ep))
+        assert cost is not None
+        rows.append(
+            {
+                "ep": r.ep,
+                "kernel": r.kernel,
+                "held_out": r.ep not in ALL_TO_ALL_FIT_EP,
+                "measured_us": r.latency_us,
+                "predicted_us": round(cost.time_s(r.bytes) * 1e6, 1),
+                "err_pct": round((cost.time_s(r.bytes) / r.time_s - 1) * 100, 1),
+                "latency_us": round(fitted[r.ep].latency_s * 1e6, 1),
+                "GB_per_s": round(fitted[r.ep].bytes_per_s / 1e9, 1),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["ep", "kernel"])
 
 
 # ---------------------------------------------------------------------- the engine's terms
@@ -352,6 +413,7 @@ def gpu_terms(gpu_key: str) -> tuple[Calibration, dict[str, float]]:
         **{t[0]: t[1] for t in ENGINE_TERMS},
         all_reduce=fit_all_reduce(network),
         send_recv=fit_send_recv(network),
+        all_to_all=fit_all_to_all() if gpu_key in ALL_TO_ALL_GPUS else {},
         applies_to=applies_to,
     )
     notes = {
@@ -384,6 +446,13 @@ def calibration_json(cal: Calibration, fit: dict[str, object]) -> dict[str, obje
             }
             for path, c in cal.send_recv.items()
         },
+        "all_to_all": {
+            str(ep): {
+                "latency_s": float(f"{c.latency_s:.6g}"),
+                "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
+            }
+            for ep, c in sorted(cal.all_to_all.items())
+        },
         "source": cal.source,
         "fit": fit,
     }
@@ -393,9 +462,9 @@ SOURCE = (
     "Fitted by `python -m experiments.fit_latency_model --write` on public measurements: "
     "bandwidth_fraction on Vidur's per-operator kernel timings (microsoft/vidur, MIT), "
     "all_reduce and send_recv on Vidur's DGX collective timings, the engine terms on "
-    "Splitwise's vLLM step timings (Mutinifni/splitwise-sim data/perf_model.csv, MIT); see "
-    "data/published/ and "
-    "docs/latency-model.md"
+    "Splitwise's vLLM step timings (Mutinifni/splitwise-sim data/perf_model.csv, MIT), "
+    "all_to_all (where present) on DeepEP's published low-latency dispatch and combine "
+    "timings on H800 (deepseek-ai/DeepEP, MIT); see data/published/ and docs/latency-model.md"
 )
 
 
@@ -429,6 +498,7 @@ def run(write: bool) -> dict[str, pd.DataFrame]:
             text = json.dumps(calibration_json(shipped, fit), indent=1) + "\n"
             (OUT / f"{shipped.name}.json").write_text(text)
     out = {k: pd.concat(v) for k, v in tables.items()}
+    out["all_to_all"] = all_to_all_report()
     out["profiles"] = profiles_against_model()
     return out
 

@@ -12,6 +12,8 @@ from backends.sim.kv_capacity import num_kv_blocks
 from cpsim.gpus import available_gpus, load_gpu_spec
 from cpsim.latency import StepBatch, StepLatencyModel
 from cpsim.models import load_model_spec
+from cpsim.parallelism import expert_param_count
+from cpsim.pricing import latency_for
 from cpsim.profiles import (
     PROFILE_DIR,
     ProfiledLatencyModel,
@@ -247,6 +249,71 @@ def test_roofline_and_instances_reject_a_bad_gpus_per_node() -> None:
         ExecutionInstance("i", metadata={"gpus_per_node": 2.5})
     assert ExecutionInstance("i", metadata={"gpus_per_node": 4}).gpus_per_node == 4
     assert ExecutionInstance("i").gpus_per_node == 8
+
+
+def test_roofline_moe_step_reads_only_the_experts_its_tokens_reach() -> None:
+    model = RooflineLatencyModel("mixtral-8x7b", "H100-SXM", tensor_parallel_size=2)
+    spec = model.model  # 8 experts, 2 per token
+    assert model.reached(1) == pytest.approx(0.25)
+    assert model.reached(8) == pytest.approx(1 - 0.75**8) and model.reached(1000) > 0.999
+    experts = expert_param_count(spec) * spec.bytes_per_param
+    one = model.stage_cost(StepBatch(num_decode_seqs=1, decode_context_tokens=100))
+    read = (spec.weight_bytes - experts + 0.25 * experts) / 2  # per GPU of TP2
+    assert one.memory_s == pytest.approx(read / model._bytes_s)
+    steps = [
+        model.step_time_s(StepBatch(num_decode_seqs=n, decode_context_tokens=n * 100))
+        for n in (1, 2, 4, 8, 16)
+    ]
+    assert steps == sorted(steps) and steps[-1] > 1.5 * steps[0]
+    dense = RooflineLatencyModel("llama-3-8b", "H100-SXM")
+    assert dense.reached(1) == 1.0
+
+
+def test_roofline_ep_beyond_the_tp_group_dispatches_and_combines() -> None:
+    batch = StepBatch(num_decode_seqs=64, decode_context_tokens=64 * 1000)
+    in_tp = RooflineLatencyModel("mixtral-8x7b", "H100-SXM", 8, expert_parallel_size=8)
+    tp8 = RooflineLatencyModel("mixtral-8x7b", "H100-SXM", 8)
+    # experts inside the TP group: the same all-reduces and bytes as sharding them by TP
+    assert not in_tp.dispatches
+    assert in_tp.step_time_s(batch) == pytest.approx(tp8.step_time_s(batch))
+    wide = RooflineLatencyModel("mixtral-8x7b", "H100-SXM", 1, expert_parallel_size=8)
+    assert wide.dispatches and wide.all_to_all == wide.calibration.all_to_all_at(8)
+    sent = 64 * 2 * 4096 * 2  # 64 tokens to 2 experts each, bf16
+    cost = wide.stage_cost(batch)
+    assert cost.comm_s == pytest.approx(2 * 32 * wide.all_to_all.time_s(sent))
+    # its experts see the tokens of all 8 DP ranks: every expert is reached
+    assert wide.stage_cost(StepBatch(num_decode_seqs=1)).memory_s > one_rank_reads(wide)
+    # no all-to-all measured on A100: its NVLink within a node, a NIC beyond
+    a100 = RooflineLatencyModel("mixtral-8x7b", "A100-80GB", 1, expert_parallel_size=8)
+    assert a100.all_to_all == a100.send_recv["intra_node"]
+    across = RooflineLatencyModel(
+        "mixtral-8x7b", "A100-80GB", 1, expert_parallel_size=8, gpus_per_node=4
+    )
+    assert across.all_to_all == across.send_recv["inter_node"]
+
+
+def one_rank_reads(model: RooflineLatencyModel) -> float:
+    """The bytes a lone token of a single rank would read: its 2 of 8 experts."""
+    spec = model.model
+    experts = expert_param_count(spec) * spec.bytes_per_param
+    return (spec.weight_bytes - experts + 0.25 * experts / 8) / model._bytes_s
+
+
+@pytest.mark.parametrize(
+    ("model", "ep", "message"),
+    [("llama-3-8b", 2, "is dense: allowed 1"), ("mixtral-8x7b", 16, "allowed: 1 to 8")],
+)
+def test_roofline_rejects_an_ep_the_model_cannot_have(model: str, ep: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RooflineLatencyModel(model, "H100-SXM", expert_parallel_size=ep)
+
+
+def test_an_instances_ep_reaches_its_roofline() -> None:
+    instance = ExecutionInstance(
+        "moe", model_name="mixtral-8x7b", gpu_type="H100-SXM", expert_parallel_size=8
+    )
+    model, _ = latency_for(instance)
+    assert isinstance(model, RooflineLatencyModel) and model.expert_parallel_size == 8
 
 
 def test_roofline_rejects_more_stages_than_layers() -> None:
