@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -74,21 +74,30 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def fake_engines(n: int, **kw: Any) -> list[tuple[FakeEngine, uvicorn.Server, Any, int]]:
-    """``n`` stand-in vLLM servers (experiments/fake_engine), each (engine, server, task,
-    port); ``kw`` for FakeEngine."""
-    out = []
-    for _ in range(n):
-        engine = FakeEngine(FAKE_MODEL, **kw)
-        server, task, port = await start_server(engine.app)
-        out.append((engine, server, task, port))
-    return out
+class Fake(NamedTuple):
+    """A stand-in vLLM server (experiments/fake_engine) running in this event loop."""
+
+    engine: FakeEngine
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
 
 
-async def stop_fakes(fakes: list[tuple[FakeEngine, uvicorn.Server, Any, int]]) -> None:
-    for _engine, server, task, _port in fakes:
-        server.should_exit = True
-        await task
+@contextlib.asynccontextmanager
+async def running_fakes(n: int, **kw: Any) -> AsyncIterator[list[Fake]]:
+    """``n`` stand-in vLLM servers (``kw`` for FakeEngine), stopped when the block ends
+    (one the test stopped itself is left as it is)."""
+    fakes: list[Fake] = []
+    try:
+        for _ in range(n):
+            engine = FakeEngine(FAKE_MODEL, **kw)
+            server, task, port = await start_server(engine.app)
+            fakes.append(Fake(engine, server, task, port))
+        yield fakes
+    finally:
+        for fake in fakes:
+            fake.server.should_exit = True
+            await fake.task
 
 
 def fake_instances(ports: list[int], max_model_len: int = 2048) -> list[ExecutionInstance]:

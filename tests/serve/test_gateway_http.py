@@ -14,11 +14,10 @@ pytest.importorskip("aiohttp")
 
 from gateway_fixture import (  # noqa: E402
     FAKE_MODEL,
-    fake_engines,
     fake_instances,
     run,
+    running_fakes,
     running_gateway,
-    stop_fakes,
 )
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -40,10 +39,9 @@ def counts(text: str) -> dict[tuple[str, str], float]:
 
 def test_the_clients_body_goes_to_the_engine_and_its_answer_comes_back() -> None:
     async def main() -> None:
-        fakes = await fake_engines(1)
-        engine = fakes[0][0]
-        try:
-            async with running_gateway(fake_instances([fakes[0][3]]), backend=backend()) as (
+        async with running_fakes(1) as fakes:
+            engine = fakes[0].engine
+            async with running_gateway(fake_instances([fakes[0].port]), backend=backend()) as (
                 _gw, url
             ):
                 c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
@@ -72,17 +70,14 @@ def test_the_clients_body_goes_to_the_engine_and_its_answer_comes_back() -> None
                     # the engine's own refusal comes back with its status and message
                     with pytest.raises(openai.BadRequestError, match="temperature"):
                         await c.completions.create(model=FAKE_MODEL, prompt="hi", temperature=5)
-        finally:
-            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
     async def main() -> None:
-        fakes = await fake_engines(2, token_delay_s=0.01)
-        ports = [f[3] for f in fakes]
-        try:
+        async with running_fakes(2, token_delay_s=0.01) as fakes:
+            ports = [f.port for f in fakes]
             async with running_gateway(fake_instances(ports), backend=backend()) as (gw, url):
                 async with httpx.AsyncClient(base_url=url, timeout=30) as http:
 
@@ -92,9 +87,9 @@ def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
 
                     first = [asyncio.create_task(one(i)) for i in range(20)]
                     await asyncio.sleep(0.2)
-                    fakes[0][1].should_exit = True  # engine-0 goes away mid-stream
-                    fakes[0][1].force_exit = True
-                    await fakes[0][2]
+                    fakes[0].server.should_exit = True  # engine-0 goes away mid-stream
+                    fakes[0].server.force_exit = True
+                    await fakes[0].task
                     codes = await asyncio.gather(*first)
                     for _ in range(100):
                         if not gw.manager.get_instance_metrics("engine-0")["is_healthy"]:
@@ -115,18 +110,15 @@ def test_an_engine_that_dies_mid_run_loses_no_request() -> None:
                 assert gw.manager.core.num_active == 0
                 text = (await httpx.AsyncClient().get(f"{url}/metrics")).text
                 assert sum(counts(text).values()) == 30
-        finally:
-            await stop_fakes(fakes[1:])
 
     run(main())
 
 
 def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> None:
     async def main() -> None:
-        fakes = await fake_engines(2)
-        fakes[0][0].fail_all = True
-        try:
-            gateway = running_gateway(fake_instances([f[3] for f in fakes]), backend=backend())
+        async with running_fakes(2) as fakes:
+            fakes[0].engine.fail_all = True
+            gateway = running_gateway(fake_instances([f.port for f in fakes]), backend=backend())
             async with gateway as (_gw, url):
                 async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                     codes = []
@@ -139,19 +131,16 @@ def test_an_engine_that_fails_every_request_does_not_capture_the_traffic() -> No
                     assert [r.status_code for r in codes] == [200] * 40
                     text = (await http.get("/metrics")).text
                 assert counts(text) == {("COMPLETED", "finished"): 40.0}
-                assert len(fakes[0][0].requests) <= 10  # a few tries, then it is avoided
-        finally:
-            await stop_fakes(fakes)
+                assert len(fakes[0].engine.requests) <= 10  # a few tries, then it is avoided
 
     run(main())
 
 
 def test_a_client_that_disconnects_has_its_engine_stream_closed() -> None:
     async def main() -> None:
-        fakes = await fake_engines(1, token_delay_s=0.01)
-        engine = fakes[0][0]
-        try:
-            gateway = running_gateway(fake_instances([fakes[0][3]]), backend=backend())
+        async with running_fakes(1, token_delay_s=0.01) as fakes:
+            engine = fakes[0].engine
+            gateway = running_gateway(fake_instances([fakes[0].port]), backend=backend())
             async with gateway as (gw, url):
                 body = {"model": FAKE_MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
                 async with (
@@ -173,7 +162,5 @@ def test_a_client_that_disconnects_has_its_engine_stream_closed() -> None:
                 records = gw.manager.get_request_records()
                 assert [str(s) for s in records["status"]] == ["CANCELLED"]
                 assert records["num_output_tokens"].iloc[0] < 2000
-        finally:
-            await stop_fakes(fakes)
 
     run(main())

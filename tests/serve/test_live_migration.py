@@ -15,11 +15,10 @@ pytest.importorskip("aiohttp")
 
 from gateway_fixture import (  # noqa: E402
     FAKE_MODEL,
-    fake_engines,
     fake_instances,
     run,
+    running_fakes,
     running_gateway,
-    stop_fakes,
 )
 
 from backends.live_migration import LiveMigration  # noqa: E402
@@ -55,9 +54,8 @@ def other(instance_id: str) -> str:
 
 def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer() -> None:
     async def main() -> None:
-        fakes = await fake_engines(2, token_delay_s=0.02)
-        ports = [f[3] for f in fakes]
-        try:
+        async with running_fakes(2, token_delay_s=0.02) as fakes:
+            ports = [f.port for f in fakes]
             async with running_gateway(instances(ports), backend=backend()) as (gw, url):
                 manager = gw.manager
                 mover = LiveMigration(manager, KVBalancePolicy())
@@ -89,7 +87,7 @@ def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer(
             assert chunks[-1].usage.prompt_tokens == direct.usage.prompt_tokens
             assert {ch.object for ch in chunks} == {"chat.completion.chunk"}
             # the target was asked for the rest, with prompt and output so far as its prompt
-            target = fakes[int(other(source)[-1])][0]
+            target = fakes[int(other(source)[-1])].engine
             sent = target.requests[-1]
             made = 30 - sent["max_tokens"]
             assert 8 <= made < 30 and "messages" not in sent
@@ -99,18 +97,15 @@ def test_a_moved_stream_goes_on_where_it_stopped_and_its_client_sees_one_answer(
             assert row["status"] == "COMPLETED" and row["instance_id"] == other(source)
             assert row["num_output_tokens"] == 30 == row["usage_completion_tokens"]
             assert row["num_migrations"] == 1 and 0 <= row["migration_pause_s"] < 1.0
-            assert all(f[0].running == 0 for f in fakes)  # the source's stream was closed
-        finally:
-            await stop_fakes(fakes)
+            assert all(f.engine.running == 0 for f in fakes)  # the source's stream was closed
 
     run(main())
 
 
 def test_completions_continue_and_a_body_that_cannot_be_continued_stays() -> None:
     async def main() -> None:
-        fakes = await fake_engines(2, token_delay_s=0.02)
-        try:
-            async with running_gateway(instances([f[3] for f in fakes]), backend=backend()) as (
+        async with running_fakes(2, token_delay_s=0.02) as fakes:
+            async with running_gateway(instances([f.port for f in fakes]), backend=backend()) as (
                 gw,
                 url,
             ):
@@ -140,32 +135,29 @@ def test_completions_continue_and_a_body_that_cannot_be_continued_stays() -> Non
                     records = manager.get_request_records().set_index("request_id")
             assert records.loc[rid, "instance_id"] == source
             assert mover.num_moved == 1 and mover.num_refused == 1
-        finally:
-            await stop_fakes(fakes)
 
     run(main())
 
 
 def test_a_target_that_fails_fails_the_moved_request_with_a_reason() -> None:
     async def main() -> None:
-        fakes = await fake_engines(2, token_delay_s=0.02)
-        manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
-        for inst in instances([f[3] for f in fakes]):
-            manager.register_instance(inst)
-        await manager.start()
-        try:
-            mover = LiveMigration(manager, KVBalancePolicy())
-            rid = await manager.submit_request(
-                RequestMetadata("r", num_prompt_tokens=40, max_tokens=40))  # fmt: skip
-            await made_tokens(manager, 5)
-            target = other(manager.core.request_state(rid).instance_id)
-            fakes[int(target[-1])][0].fail_all = True
-            assert mover.move(rid, target)
-            status = await manager.wait_for_request(rid, timeout_s=10)
-            reason = manager.get_request_reason(rid) or ""
-        finally:
-            await manager.stop()
-            await stop_fakes(fakes)
+        async with running_fakes(2, token_delay_s=0.02) as fakes:
+            manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
+            for inst in instances([f.port for f in fakes]):
+                manager.register_instance(inst)
+            await manager.start()
+            try:
+                mover = LiveMigration(manager, KVBalancePolicy())
+                rid = await manager.submit_request(
+                    RequestMetadata("r", num_prompt_tokens=40, max_tokens=40))  # fmt: skip
+                await made_tokens(manager, 5)
+                target = other(manager.core.request_state(rid).instance_id)
+                fakes[int(target[-1])].engine.fail_all = True
+                assert mover.move(rid, target)
+                status = await manager.wait_for_request(rid, timeout_s=10)
+                reason = manager.get_request_reason(rid) or ""
+            finally:
+                await manager.stop()
         # its tokens were streamed: it cannot start over elsewhere, so it fails, once
         assert status is RequestStatus.FAILED and "500" in reason and target in reason
 
@@ -177,31 +169,30 @@ def test_kv_balance_moves_decodes_to_a_new_engine_and_every_request_completes() 
     empty; the policy moves decodes to it, and each request still makes all its tokens."""
 
     async def main() -> tuple[Any, LiveMigration, list[FakeEngine]]:
-        fakes = await fake_engines(2, token_delay_s=0.01, num_blocks=100)
-        first, second = instances([f[3] for f in fakes])
-        manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
-        manager.register_instance(first)
-        await manager.start()
-        policy = KVBalancePolicy(high_usage=0.6, low_usage=0.3, min_remaining_tokens=8,
-                                 interval_s=0.1)  # fmt: skip
-        mover = LiveMigration(manager, policy)
-        await mover.start()
-        try:
-            ids = [
-                await manager.submit_request(
-                    RequestMetadata(f"r{i}", num_prompt_tokens=200, max_tokens=120))
-                for i in range(6)
-            ]  # fmt: skip
-            await made_tokens(manager, 10)
-            manager.register_instance(second)
-            statuses = [await manager.wait_for_request(r, timeout_s=30) for r in ids]
-            records = manager.get_request_records()
-        finally:
-            await mover.stop()
-            await manager.stop()
-            await stop_fakes(fakes)
+        async with running_fakes(2, token_delay_s=0.01, num_blocks=100) as fakes:
+            first, second = instances([f.port for f in fakes])
+            manager = ControlPlaneManager(backend=backend(), enable_monitoring=False)
+            manager.register_instance(first)
+            await manager.start()
+            policy = KVBalancePolicy(high_usage=0.6, low_usage=0.3, min_remaining_tokens=8,
+                                     interval_s=0.1)  # fmt: skip
+            mover = LiveMigration(manager, policy)
+            await mover.start()
+            try:
+                ids = [
+                    await manager.submit_request(
+                        RequestMetadata(f"r{i}", num_prompt_tokens=200, max_tokens=120))
+                    for i in range(6)
+                ]  # fmt: skip
+                await made_tokens(manager, 10)
+                manager.register_instance(second)
+                statuses = [await manager.wait_for_request(r, timeout_s=30) for r in ids]
+                records = manager.get_request_records()
+            finally:
+                await mover.stop()
+                await manager.stop()
         assert statuses == [RequestStatus.COMPLETED] * 6
-        return records, mover, [f[0] for f in fakes]
+        return records, mover, [f.engine for f in fakes]
 
     records, mover, fakes = run(main())
     assert (records["num_output_tokens"] == 120).all()
