@@ -131,7 +131,6 @@ class RooflineLatencyModel:
         self.tensor_parallel_size = tensor_parallel_size
         self.pipeline_parallel_size = pipeline_parallel_size
         self.expert_parallel_size = expert_parallel_size
-        self.link_latency_s = link_latency_s
         self.max_num_batched_tokens = max_num_batched_tokens
         if isinstance(calibration, str):
             calibration = load_calibration(calibration)
@@ -175,7 +174,7 @@ class RooflineLatencyModel:
         self._expert_shards = max(tp, ep)
         self._routed_per_token = max(1.0, ep / tp)  # tokens of every DP rank reach its experts
         # per-GPU rates and per-layer constants, computed once: the simulator prices every step
-        cal, tp = self.calibration, tensor_parallel_size
+        cal = self.calibration
         self._flops_s = self.gpu.peak_flops * cal.flop_fraction_at(tp)
         self._bytes_s = self.gpu.memory_bandwidth_bytes_s * cal.bandwidth_fraction
         self._layer_overhead_s = cal.layer_s + cal.layer_s_per_tp_doubling * math.log2(tp)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cpsim.calibration import Calibration, LinkCost
+from cpsim.calibration import Calibration, LinkCost, load_calibration
 from cpsim.gpus import load_gpu_spec
 from cpsim.latency import StepBatch
 from cpsim.models import load_model_spec
@@ -216,10 +216,7 @@ def fit_all_to_all(eps: tuple[int, ...] | None = None) -> dict[int, LinkCost]:
 def all_to_all_report() -> pd.DataFrame:
     """The fit per EP degree, and DeepEP's times against the calibration fitted on EP 8-64
     (EP 128 and 256 priced at EP 64's, as Calibration.all_to_all_at does)."""
-    held = Calibration(
-        "held", "H100-SXM", "", 0.5, 0.5, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-        all_to_all=fit_all_to_all(ALL_TO_ALL_FIT_EP),
-    )
+    held = replace(load_calibration("vllm-h100-sxm"), all_to_all=fit_all_to_all(ALL_TO_ALL_FIT_EP))
     fitted = fit_all_to_all()
     rows = []
     for r in deepep_times().itertuples():
