@@ -111,18 +111,11 @@ class Calibration:
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         data = dict(data)
         data.pop("fit", None)  # the fit's own record (data used, held-out errors): for people
-        data["all_reduce"] = {
-            int(tp): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
-            for tp, v in (data.get("all_reduce") or {}).items()
-        }
-        data["all_to_all"] = {
-            int(ep): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
-            for ep, v in (data.get("all_to_all") or {}).items()
-        }
-        data["send_recv"] = {
-            str(path): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
-            for path, v in (data.get("send_recv") or {}).items()
-        }
+        for table, key in (("all_reduce", int), ("all_to_all", int), ("send_recv", str)):
+            data[table] = {
+                key(k): LinkCost(float(v["latency_s"]), float(v["bytes_per_s"]))
+                for k, v in (data.get(table) or {}).items()
+            }
         data["applies_to"] = tuple(data.get("applies_to") or ())
         return from_known_keys(cls, data, "calibration")
 

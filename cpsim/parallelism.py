@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypedDict, runtime_checkable
 
 from cpsim.models import ModelSpec
-from cpsim.types import ParallelismType
+from cpsim.types import DEFAULT_GPUS_PER_NODE, ParallelismType
 from cpsim.validation import check_non_negative, check_positive, check_range
 
 GB = 1e9
@@ -44,7 +44,7 @@ class GPUBudget:
     num_gpus: int
     gpu_memory_gb: float
     interconnect_bandwidth_gb_per_s: float = 600.0
-    gpus_per_node: int = 8
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
     gpu_memory_utilization: float = 0.9
     runtime_overhead_gb: float = 2.0
 

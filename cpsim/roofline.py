@@ -19,6 +19,7 @@ from cpsim.models import ModelSpec, load_model_spec
 from cpsim.parallelism import expert_param_count
 from cpsim.profiles import predict_from_steps
 from cpsim.protocols import LatencyEstimate
+from cpsim.types import DEFAULT_GPUS_PER_NODE
 from cpsim.validation import check_non_negative, check_positive
 from cpsim.views import InstanceView, RequestView
 
@@ -26,7 +27,6 @@ ACTIVATION_BYTES = 2.0  # bf16 activations on the wire
 FALLBACK_CALIBRATION = "vllm-a100-80gb"  # for a GPU with none of its own: the most measured
 NOMINAL_LINK_LATENCY_S = 10e-6  # an all-reduce or hand-off on a link nothing measured
 NOMINAL_NODE_NETWORK_BYTES_S = 25e9  # one 200 Gb/s NIC per GPU, where nothing measured
-DEFAULT_GPUS_PER_NODE = 8  # an HGX / DGX node
 
 
 @dataclass(frozen=True, slots=True)

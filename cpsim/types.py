@@ -171,6 +171,7 @@ class RequestMetadata:
 
 #: vLLM's default ``max_num_seqs``: an instance's sequence limit when its configs set none.
 DEFAULT_MAX_NUM_SEQS: Final = 256
+DEFAULT_GPUS_PER_NODE: Final = 8  # an HGX / DGX node
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +345,7 @@ class ExecutionInstance:
     def gpus_per_node(self) -> int:
         """GPUs per node where it runs (``metadata["gpus_per_node"]``, default 8): its
         pipeline stages, placed in order, cross to the next node at that boundary."""
-        return int(self.metadata.get("gpus_per_node", 8))
+        return int(self.metadata.get("gpus_per_node", DEFAULT_GPUS_PER_NODE))
 
     @property
     def max_num_seqs(self) -> int:

@@ -33,6 +33,7 @@ import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -421,6 +422,17 @@ def gpu_terms(gpu_key: str) -> tuple[Calibration, dict[str, float]]:
     return base, notes
 
 
+def _link_table(table: dict[Any, LinkCost]) -> dict[str, dict[str, float]]:
+    """Link costs by group size or path, as the calibration file holds them."""
+    return {
+        str(k): {
+            "latency_s": float(f"{c.latency_s:.6g}"),
+            "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
+        }
+        for k, c in table.items()
+    }
+
+
 def calibration_json(cal: Calibration, fit: dict[str, object]) -> dict[str, object]:
     return {
         "name": cal.name,
@@ -429,27 +441,9 @@ def calibration_json(cal: Calibration, fit: dict[str, object]) -> dict[str, obje
         "applies_to": list(cal.applies_to),
         **{t[0]: float(f"{getattr(cal, t[0]):.6g}") for t in ENGINE_TERMS},
         "bandwidth_fraction": cal.bandwidth_fraction,
-        "all_reduce": {
-            str(tp): {
-                "latency_s": float(f"{c.latency_s:.6g}"),
-                "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
-            }
-            for tp, c in sorted(cal.all_reduce.items())
-        },
-        "send_recv": {
-            path: {
-                "latency_s": float(f"{c.latency_s:.6g}"),
-                "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
-            }
-            for path, c in cal.send_recv.items()
-        },
-        "all_to_all": {
-            str(ep): {
-                "latency_s": float(f"{c.latency_s:.6g}"),
-                "bytes_per_s": float(f"{c.bytes_per_s:.6g}"),
-            }
-            for ep, c in sorted(cal.all_to_all.items())
-        },
+        "all_reduce": _link_table(cal.all_reduce),
+        "send_recv": _link_table(cal.send_recv),
+        "all_to_all": _link_table(cal.all_to_all),
         "source": cal.source,
         "fit": fit,
     }
