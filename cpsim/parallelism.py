@@ -105,6 +105,16 @@ def expert_param_count(model: ModelSpec) -> float:
     return float(min(model.num_params, model.num_layers * per_layer))
 
 
+def weight_bytes_per_gpu(
+    model: ModelSpec, tp: int, ep: int = 1, stage_fraction: float = 1.0
+) -> float:
+    """One GPU's weights: ``stage_fraction`` of the layers, 1/tp of each, and 1/max(tp, ep)
+    of a MoE's routed experts."""
+    expert_bytes = expert_param_count(model) * model.bytes_per_param
+    dense_bytes = model.weight_bytes - expert_bytes
+    return stage_fraction * (dense_bytes / tp + expert_bytes / max(tp, ep))
+
+
 class InstanceParallelFields(TypedDict):
     """``cpsim.types.ExecutionInstance`` keyword arguments that describe a layout."""
 
@@ -157,9 +167,7 @@ class ParallelismConfig:
         """Weights and KV cache per GPU under the module's fit rule."""
         layers_per_stage = math.ceil(model.num_layers / self.pp)
         stage_frac = layers_per_stage / model.num_layers
-        expert_bytes = expert_param_count(model) * model.bytes_per_param
-        dense_bytes = model.weight_bytes - expert_bytes
-        weights = stage_frac * (dense_bytes / self.tp + expert_bytes / max(self.tp, self.ep))
+        weights = weight_bytes_per_gpu(model, self.tp, self.ep, stage_frac)
         kv_heads_frac = max(1, math.ceil(model.num_kv_heads / self.tp)) / model.num_kv_heads
         kv_per_token = model.kv_bytes_per_token() * stage_frac * kv_heads_frac
         usable = budget.usable_bytes_per_gpu

@@ -36,6 +36,7 @@ GROUP_KEYS = {
     "instance_type",
     "tensor_parallel_size",
     "pipeline_parallel_size",
+    "expert_parallel_size",  # a MoE's experts over this many GPUs (beyond TP: wide EP)
     "cost_per_gpu_hour",
     "max_concurrent_requests",
     "profile",
@@ -86,6 +87,7 @@ def build_instances(cluster: Mapping[str, Any], pd_enabled: bool) -> list[Execut
                     model_name=group.get("model", cluster["model"]),
                     tensor_parallel_size=group.get("tensor_parallel_size", 1),
                     pipeline_parallel_size=group.get("pipeline_parallel_size", 1),
+                    expert_parallel_size=group.get("expert_parallel_size", 1),
                     gpu_type=cluster["gpu_type"],
                     gpu_memory_gb=cluster["gpu_memory_gb"],
                     cost_per_gpu_hour=group["cost_per_gpu_hour"],
@@ -159,6 +161,7 @@ def build_replicas(
             inst.pipeline_parallel_size,
             config.block_size,
             utilization,
+            expert_parallel_size=inst.expert_parallel_size,
         )
         latency, source = latency_for(inst, inst.metadata.get("profile"), profile)
         faults_there = tuple(by_instance.pop(inst.instance_id, []))

@@ -268,6 +268,24 @@ def test_a_groups_gpus_per_node_places_its_pipeline_stages_on_nodes() -> None:
     assert "roofline" in replica.latency_source
 
 
+def test_a_groups_expert_parallel_size_spreads_a_moe_over_its_gpus() -> None:
+    cfg = compose_config(
+        [
+            "cluster=llm_k8s_llama33_70b",
+            "~profile",
+            "cluster.model=mixtral-8x7b",
+            "cluster.gpu_type=H100-SXM",
+            "cluster.gpu_memory_gb=80",
+            "cluster.groups.0.tensor_parallel_size=1",
+            "+cluster.groups.0.expert_parallel_size=8",
+        ]
+    )
+    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    (replica,) = build_replicas(cluster, None, pd_enabled=False)
+    assert replica.instance.expert_parallel_size == 8
+    assert replica.latency.dispatches and replica.num_gpu_blocks > 0
+
+
 @pytest.mark.parametrize(
     "override",
     [

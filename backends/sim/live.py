@@ -189,6 +189,7 @@ class SimBackend:
             instance.pipeline_parallel_size,
             config.block_size,
             self.gpu_memory_utilization,
+            expert_parallel_size=instance.expert_parallel_size,
         )
         replica = SimReplica(
             instance.instance_id, config, self._latency_of(instance, model), blocks

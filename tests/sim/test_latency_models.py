@@ -352,3 +352,14 @@ def test_kv_capacity_is_close_to_the_published_opt_13b_figure() -> None:
 def test_kv_capacity_error_when_weights_do_not_fit() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         num_kv_blocks(load_model_spec("llama-3-70b"), 80.0)
+
+
+def test_a_wide_ep_replica_holds_its_share_of_the_experts() -> None:
+    """Mixtral-8x22B (263 GiB of weights, 252 GiB in experts) on one 80 GiB GPU: only
+    with its experts spread over 8 GPUs does the rest fit, with KV cache beside it."""
+    model = load_model_spec("mixtral-8x22b")
+    with pytest.raises(ValueError, match="expert_parallel_size=1; use more GPUs"):
+        num_kv_blocks(model, 80.0)
+    wide = num_kv_blocks(model, 80.0, expert_parallel_size=8)
+    assert wide > 0
+    assert num_kv_blocks(model, 80.0, 8, expert_parallel_size=8) == num_kv_blocks(model, 80.0, 8)
