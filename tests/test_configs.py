@@ -250,38 +250,34 @@ def test_defaults_compose_to_the_main_study() -> None:
     assert cfg.policy._target_.endswith("FIFOPolicy")
 
 
-def test_a_groups_gpus_per_node_places_its_pipeline_stages_on_nodes() -> None:
-    """The public TP4 x PP2 run put one four-GPU pod on each node: its hand-off crosses them."""
-    cfg = compose_config(
-        [
-            "cluster=llm_k8s_llama33_70b",
-            "~profile",
-            "cluster.groups.0.tensor_parallel_size=4",
-            "+cluster.groups.0.pipeline_parallel_size=2",
-            "+cluster.groups.0.gpus_per_node=4",
-        ]
-    )
+def one_llm_k8s_replica(*overrides: str) -> Any:
+    """The one replica of the public vLLM 0.8.3 cluster's group, priced by the roofline."""
+    cfg = compose_config(["cluster=llm_k8s_llama33_70b", "~profile", *overrides])
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     (replica,) = build_replicas(cluster, None, pd_enabled=False)
+    return replica
+
+
+def test_a_groups_gpus_per_node_places_its_pipeline_stages_on_nodes() -> None:
+    """The public TP4 x PP2 run put one four-GPU pod on each node: its hand-off crosses them."""
+    replica = one_llm_k8s_replica(
+        "cluster.groups.0.tensor_parallel_size=4",
+        "+cluster.groups.0.pipeline_parallel_size=2",
+        "+cluster.groups.0.gpus_per_node=4",
+    )
     assert replica.instance.gpus_per_node == 4
     assert replica.latency.inter_node_handoffs == 1
     assert "roofline" in replica.latency_source
 
 
 def test_a_groups_expert_parallel_size_spreads_a_moe_over_its_gpus() -> None:
-    cfg = compose_config(
-        [
-            "cluster=llm_k8s_llama33_70b",
-            "~profile",
-            "cluster.model=mixtral-8x7b",
-            "cluster.gpu_type=H100-SXM",
-            "cluster.gpu_memory_gb=80",
-            "cluster.groups.0.tensor_parallel_size=1",
-            "+cluster.groups.0.expert_parallel_size=8",
-        ]
+    replica = one_llm_k8s_replica(
+        "cluster.model=mixtral-8x7b",
+        "cluster.gpu_type=H100-SXM",
+        "cluster.gpu_memory_gb=80",
+        "cluster.groups.0.tensor_parallel_size=1",
+        "+cluster.groups.0.expert_parallel_size=8",
     )
-    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    (replica,) = build_replicas(cluster, None, pd_enabled=False)
     assert replica.instance.expert_parallel_size == 8
     assert replica.latency.dispatches and replica.num_gpu_blocks > 0
 
