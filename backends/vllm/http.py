@@ -265,12 +265,13 @@ class HTTPBackend:
             flights = [self._flights.get(rid) for rid in server.tasks]
             decoding = [f for f in flights if f is not None and f.num_made and not f.moving]
             contexts = [len(f.prompt_ids or ()) + f.num_made for f in decoding]
+            total = sum(contexts)
             views = out[iid] = []
             for flight, context in zip(decoding, contexts, strict=True):
                 if cache.num_blocks is not None:
                     share = -(-context // cache.block_size) / cache.num_blocks
                 else:
-                    share = (cache.kv_usage_frac or 0.0) * context / sum(contexts)
+                    share = (cache.kv_usage_frac or 0.0) * context / total
                 remaining = flight.dispatch.request.max_tokens - flight.num_made
                 views.append(DecodeView(flight.dispatch.request_id, iid, context, remaining, share))
         return out
