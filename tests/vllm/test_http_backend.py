@@ -274,14 +274,16 @@ def test_a_stream_moved_by_recompute_goes_on_as_it_would_have(http_engines: list
     """A greedy completion, once run where it started and once moved to the other engine
     after 12 tokens (backends/live_migration.py): the moved one's client gets the same
     token ids, the target was sent prompt and output so far, and the source aborted it.
-    (200 tokens: an API server short of CPU sends tokens in bursts, and the move must come
-    before the last.)"""
+    (1000 tokens, some 7 s of decoding here: an API server short of CPU sends tokens in
+    bursts, and the move must come before the last; at 200 tokens one CI run's first burst
+    after the twelfth token was the last.)"""
     from backends.live_migration import LiveMigration
     from cpsim.streams import ClientStream
     from policies.migration import KVBalancePolicy
 
+    n_tokens = 1000
     prompt = [(7 * i) % 900 + 100 for i in range(300)]
-    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 200, "temperature": 0.0,
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": n_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "return_token_ids": True}  # fmt: skip
 
@@ -308,7 +310,8 @@ def test_a_stream_moved_by_recompute_goes_on_as_it_would_have(http_engines: list
                 "completions", dict(body), chunks[rid].append
             )
             recorder.after_token_event = move_after_12 if rid == "moved" else None
-            await cp.submit_request(RequestMetadata(rid, prompt_token_ids=prompt, max_tokens=200))
+            request = RequestMetadata(rid, prompt_token_ids=prompt, max_tokens=n_tokens)
+            await cp.submit_request(request)
             assert await cp.wait_for_request(rid, timeout_s=60) is RequestStatus.COMPLETED
         records = cp.get_request_records().set_index("request_id")
         running = [await asyncio.to_thread(_server_running, e) for e in http_engines]
@@ -320,12 +323,12 @@ def test_a_stream_moved_by_recompute_goes_on_as_it_would_have(http_engines: list
            for rid, cs in chunks.items()}  # fmt: skip
     ((source, target, moved, refusal),) = moves
     assert moved, refusal
-    assert len(ids["still"]) == len(ids["moved"]) == 200
+    assert len(ids["still"]) == len(ids["moved"]) == n_tokens
     assert ids["moved"] == ids["still"]  # greedy: the continuation picks the same tokens
     usage = [ch["usage"] for ch in chunks["moved"] if ch.get("usage")][-1]
-    assert usage["prompt_tokens"] == 300 and usage["completion_tokens"] == 200
+    assert usage["prompt_tokens"] == 300 and usage["completion_tokens"] == n_tokens
     row = records.loc["moved"]
     assert row["num_migrations"] == 1 and row["instance_id"] == target != source
-    assert row["num_output_tokens"] == 200 == row["usage_completion_tokens"]
+    assert row["num_output_tokens"] == n_tokens == row["usage_completion_tokens"]
     assert 0 < row["migration_pause_s"] < 2.0
     assert running == [0, 0]  # the source aborted the stream it lost
