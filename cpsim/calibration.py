@@ -72,6 +72,7 @@ class Calibration:
     all_to_all: dict[int, LinkCost] = field(default_factory=dict)
     applies_to: tuple[str, ...] = ()
     source: str = ""
+    default: bool = True  # chosen by GPU type where an instance names no calibration
 
     def __post_init__(self) -> None:
         check_range("bandwidth_fraction", self.bandwidth_fraction, 0.01, 1.0)
@@ -140,10 +141,13 @@ def load_calibration(name: str) -> Calibration:
 
 
 def calibration_for_gpu(gpu_name: str) -> Calibration | None:
-    """The shipped calibration measured on this GPU type (or declared to apply to it)."""
+    """The shipped default calibration measured on this GPU type (or declared to apply to
+    it); others are used where an instance names them (a cluster group's ``calibration``)."""
     key = gpu_name.strip().lower()
     for name in available_calibrations():
         cal = load_calibration(name)
+        if not cal.default:
+            continue
         if key == cal.gpu.lower() or key in (g.lower() for g in cal.applies_to):
             return cal
     return None

@@ -119,6 +119,7 @@ def _roofline(instance: ExecutionInstance, model_spec: ModelSpec | None) -> Roof
         instance.pipeline_parallel_size,
         gpus_per_node=instance.gpus_per_node,
         expert_parallel_size=instance.expert_parallel_size,
+        calibration=instance.metadata.get("calibration"),
     )
 
 

@@ -47,9 +47,16 @@ GROUP_KEYS = {
     "max_loras",  # distinct adapters one batch may hold (vLLM's --max-loras)
     "lora_step_overhead_frac",  # a step's extra cost while an adapter runs
     "gpus_per_node",  # GPUs per node its replicas run on (default 8): where PP crosses nodes
+    "calibration",  # the roofline's engine calibration (default: the one for its GPU)
 }
 # group keys its instances carry in their metadata
-METADATA_KEYS = ("lora_adapters", "max_loras", "lora_step_overhead_frac", "gpus_per_node")
+METADATA_KEYS = (
+    "lora_adapters",
+    "max_loras",
+    "lora_step_overhead_frac",
+    "gpus_per_node",
+    "calibration",
+)
 
 
 @dataclass

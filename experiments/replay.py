@@ -10,6 +10,9 @@ output_len, ttft_ms, tpot_ms); ``--time-unit ms`` when arrivals are in milliseco
 requests arrive in the simulator at the logged times (rebased to the first), ask for exactly
 the logged output (as the benchmarks' ``ignore_eos``), and run on the cluster composed from
 ``conf/`` by the overrides after ``--`` (e.g. ``cluster=distserve_opt13b pd=threshold``).
+Each log runs on a fresh cluster, unless ``--back-to-back``: the logs run one after another
+on one cluster, as a benchmark sends its rates to one server; with ``--same-prompts`` (row i
+of every log is the same prompt) the server's prefix cache keeps what the earlier logs left.
 
 Per log: the real and simulated p50/p90 TTFT and TPOT and their relative errors, the median
 per-request error, and the SLO attainment of both (TTFT < ``--slo-ttft-ms`` and TPOT <
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,18 +81,67 @@ def read_log(path: Path, columns: dict[str, str], time_unit: str = "s") -> pd.Da
 
 def simulate_log(log: pd.DataFrame, overrides: Sequence[str]) -> pd.DataFrame:
     """The logged requests run in the composed cluster; the sim's records, in log order."""
+    return simulate_logs([log], overrides)[0]
+
+
+def prompt_ids(row: int, length: int) -> tuple[int, ...]:
+    """Token ids standing for the prompt of a log's ``row``: the same for that row in every
+    log and sharing no block with another row's, so a prompt sent again hits the prefix
+    cache as far as its full blocks go, as on the real server."""
+    rng = random.Random(row)
+    return tuple(rng.randrange(1, 32_000) for _ in range(length))
+
+
+def simulate_logs(
+    logs: Sequence[pd.DataFrame], overrides: Sequence[str], same_prompts: bool = False
+) -> list[pd.DataFrame]:
+    """Each log's requests run in one composed cluster, the logs one after another as a
+    benchmark run against one server sends them (each starts ``BACK_TO_BACK_GAP_S`` after
+    the last request of the one before it ended on the real server, and the sim checks its
+    own had ended by then). ``same_prompts``: row i of every log is the same prompt (the
+    logs of one benchmark at several rates), so a server that keeps its prefix cache
+    reuses the earlier runs' blocks. The sim's records per log, in log order."""
     setup = build_run(compose_config(*overrides))
-    requests = [
-        (
-            float(row.arrival_s),
-            RequestMetadata(
-                f"r{i}", max_tokens=int(row.output), num_prompt_tokens=int(row.prompt)
-            ),
-        )
-        for i, row in enumerate(log.itertuples(index=False))
-    ]
+    requests, starts = [], []
+    offset = 0.0
+    for k, log in enumerate(logs):
+        starts.append(offset)
+        for i, row in enumerate(log.itertuples(index=False)):
+            prompt = int(row.prompt)
+            meta = RequestMetadata(
+                f"l{k}r{i}",
+                max_tokens=int(row.output),
+                num_prompt_tokens=None if same_prompts else prompt,
+                prompt_token_ids=prompt_ids(i, prompt) if same_prompts else None,
+            )
+            requests.append((offset + float(row.arrival_s), meta))
+        offset += real_end_s(log) + BACK_TO_BACK_GAP_S
     records = setup.simulation.run(iter(requests), total=len(requests)).requests
-    return records.set_index("request_id").loc[[f"r{i}" for i in range(len(log))]]
+    records = records.set_index("request_id")
+    out = []
+    for k, log in enumerate(logs):
+        sim = records.loc[[f"l{k}r{i}" for i in range(len(log))]]
+        if k + 1 < len(logs):
+            ended = float(sim["finish_time_s"].max())
+            if ended > starts[k + 1]:
+                raise RuntimeError(
+                    f"log {k}'s simulated requests ran until {ended:.1f} s, past the next "
+                    f"log's start at {starts[k + 1]:.1f} s: the simulated server is far slower "
+                    "than the real one, so the logs cannot run one after another"
+                )
+        out.append(sim)
+    return out
+
+
+# between two logs sent to one server: the benchmark client's own gap is not logged
+BACK_TO_BACK_GAP_S = 5.0
+
+
+def real_end_s(log: pd.DataFrame) -> float:
+    """When the log's last request ended on the real server, from its first arrival."""
+    output = log["output"].to_numpy()
+    decode_ms = log["tpot_ms"].fillna(0.0).to_numpy() * np.maximum(output - 1, 0)
+    return float((log["arrival_s"] + (log["ttft_ms"] + decode_ms) / 1e3).max())
 
 
 def attainment(ttft_ms: pd.Series, tpot_ms: pd.Series, output: pd.Series,
@@ -176,13 +229,22 @@ def main(argv: Sequence[str]) -> pd.DataFrame:
     p.add_argument("--slo-ttft-ms", type=float, default=200.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--out", type=Path, default=None, help="write replay.csv and replay.md here")
+    p.add_argument("--back-to-back", action="store_true",
+                   help="run the logs one after another on one cluster, in the order given")
+    p.add_argument("--same-prompts", action="store_true",
+                   help="row i of every log is the same prompt (implies --back-to-back): a "
+                   "prompt sent again hits the prefix cache as on the real server")  # fmt: skip
     args = p.parse_args(args_part)
     columns = parse_columns(args.columns)
-    rows = []
-    for path in args.logs:
-        log = read_log(path, columns, args.time_unit)
-        sim = simulate_log(log, overrides)
-        rows.append(compare(path.stem, log, sim, args.slo_ttft_ms, args.slo_tpot_ms))
+    logs = [read_log(path, columns, args.time_unit) for path in args.logs]
+    if args.back_to_back or args.same_prompts:
+        sims = simulate_logs(logs, overrides, same_prompts=args.same_prompts)
+    else:
+        sims = [simulate_log(log, overrides) for log in logs]
+    rows = [
+        compare(path.stem, log, sim, args.slo_ttft_ms, args.slo_tpot_ms)
+        for path, log, sim in zip(args.logs, logs, sims, strict=True)
+    ]
     table = pd.DataFrame(rows).sort_values("rate_rps", kind="stable", ignore_index=True)
     text = markdown(table)
     print(text)

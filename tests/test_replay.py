@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.replay import DEFAULT_COLUMNS, main, parse_columns, read_log
+from experiments.replay import DEFAULT_COLUMNS, main, parse_columns, read_log, simulate_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "data" / "published" / "distserve-opt-13b-sharegpt"
@@ -61,3 +61,27 @@ def test_distserve_pd_replay_stays_within_three_points_and_ten_percent(tmp_path:
     assert table["attain_diff_pts"].abs().max() <= 3.0
     for col in ("ttft_p50_err_%", "tpot_p50_err_%"):
         assert table[col].abs().max() <= 10.0, col
+
+
+K8S = ROOT / "data" / "published" / "llm-k8s-llama33-70b-a100"
+
+
+def test_logs_sent_back_to_back_with_the_same_prompts_reuse_the_prefix_cache() -> None:
+    """The same 200 prompts sent twice to one server: the second time their full blocks are
+    cached, so the prefills are shorter; sent to fresh clusters, both runs are alike."""
+    log = read_log(K8S / "tp8-qps1.csv", DEFAULT_COLUMNS)
+    overrides = ["cluster=llm_k8s_llama33_70b", "~profile"]
+    first, again = simulate_logs([log, log], overrides, same_prompts=True)
+    assert again["ttft_ms"].median() < 0.8 * first["ttft_ms"].median()
+    fresh = simulate_logs([log], overrides)[0]
+    assert fresh["ttft_ms"].median() == pytest.approx(first["ttft_ms"].median(), rel=0.02)
+
+
+def test_logs_that_cannot_follow_each_other_are_refused() -> None:
+    """Priced by the 2023 engine's calibration, the simulated server is about twice as slow
+    as the real one: the first run is still going when the second was due."""
+    log = read_log(K8S / "tp8-qps1.csv", DEFAULT_COLUMNS)
+    overrides = ["cluster=llm_k8s_llama33_70b", "~profile",
+                 "cluster.groups.0.calibration=vllm-a100-80gb"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="past the next log's start"):
+        simulate_logs([log, log], overrides)
