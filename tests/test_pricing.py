@@ -133,7 +133,7 @@ def test_a_run_without_a_profile_prices_each_instance_by_its_own_model() -> None
     result = simulate("cluster=llm_k8s_llama33_70b", "~profile", "workload=tiny")
     assert (result.requests["status"] == "COMPLETED").all()
     assert result.info["latency_models"] == {
-        "tp8-0": "roofline (its group's; calibration vllm-a100-80gb)"
+        "tp8-0": "roofline (its group's; calibration vllm-0.8-a100)"
     }
     with pytest.raises(ValueError, match="or none"):
         simulate("cluster=llm_k8s_llama33_70b", "workload=tiny")

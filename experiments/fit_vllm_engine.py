@@ -1,0 +1,195 @@
+"""Fits the engine terms of a current vLLM (0.8.3, its V1 engine: decode steps captured in CUDA
+graphs, its own all-reduce kernel within a node) on public per-request logs, and writes the
+``vllm-0.8-a100`` calibration.
+
+    python -m experiments.fit_vllm_engine            # fit, print the held-out tables
+    python -m experiments.fit_vllm_engine --write    # also write cpsim/data/calibrations/
+
+No step timings of a current vLLM are public (docs/latency-model.md), so the fit runs the
+simulator: the public TP8 runs of Llama-3.3-70B on 8 x A100-40GB
+(``data/published/llm-k8s-llama33-70b-a100/``, four request rates sent back to back to one
+server that kept its prefix cache) are replayed with candidate engine terms, and the two
+terms the runs can tell apart are chosen to match the measured TPOT at the lightest load
+(1 req/s: a few sequences a step) and the heaviest (all 200 requests at once: about 200).
+The rates between (4 and 16 req/s) are held out, as are the TP4 x PP2 runs (another engine,
+V0, and layout). Everything else comes from the Splitwise-fitted A100 calibration (the
+GPU's achieved bandwidth and FLOP fractions, measured on kernels and 2023 steps) and from a
+public measurement of vLLM's custom all-reduce (``data/published/sglang-custom-allreduce/``).
+About three minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from experiments.replay import DEFAULT_COLUMNS, compare, read_log, simulate_logs
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGS = ROOT / "data/published/llm-k8s-llama33-70b-a100"
+ALL_REDUCE_CSV = ROOT / "data/published/sglang-custom-allreduce/vllm_custom_allreduce_h100.csv"
+CALIBRATIONS = ROOT / "cpsim/data/calibrations"
+BASE = "vllm-a100-80gb"
+NAME = "vllm-0.8-a100"
+RATES = ("1", "4", "16", "inf")  # the order the runs were sent in
+FITTED_ON = ("1", "inf")
+CLUSTER = ["cluster=llm_k8s_llama33_70b", "~profile"]
+TP4_PP2 = [
+    "cluster.groups.0.tensor_parallel_size=4",
+    "+cluster.groups.0.pipeline_parallel_size=2",
+    "cluster.replica.max_num_seqs=256",
+    "+cluster.groups.0.gpus_per_node=4",
+]
+METRICS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")
+
+
+def custom_all_reduce_latency() -> dict[int, float]:
+    """Per TP degree, the latency of latency + bytes / bandwidth fitted on the kernel's
+    published timings (messages of 2 KiB to 4 MiB)."""
+    table = pd.read_csv(ALL_REDUCE_CSV)
+    out = {}
+    for tp, rows in table.groupby("tp"):
+        design = np.c_[np.ones(len(rows)), rows["bytes"].to_numpy(float)]
+        (latency, _), *_ = np.linalg.lstsq(design, rows["latency_ms"].to_numpy() / 1e3, rcond=None)
+        out[int(tp)] = float(latency)
+    return out
+
+
+def calibration(layer_s: float, seq_s: float) -> dict[str, Any]:
+    """The base calibration with a current vLLM's engine terms: the custom all-reduce's
+    latency (bandwidth: NCCL's on the node, which vLLM uses for large messages), no
+    per-layer cost growing with TP (the 2023 engine's launched and synchronised its NCCL
+    calls from the host each layer; CUDA graphs replay them), ``layer_s`` and ``seq_s``."""
+    cal = json.loads((CALIBRATIONS / f"{BASE}.json").read_text())
+    latency = custom_all_reduce_latency()
+    cal["all_reduce"] = {
+        tp: {"latency_s": round(latency[int(tp)], 9), "bytes_per_s": link["bytes_per_s"]}
+        for tp, link in cal["all_reduce"].items()
+    }
+    cal.update(
+        name=NAME,
+        gpu="A100-40GB",
+        applies_to=["A100-80GB"],
+        default=False,
+        engine="vLLM 0.8.3, V1 engine (CUDA graphs, custom all-reduce), as run by surajssd/llm-k8s",
+        layer_s=round(layer_s, 9),
+        layer_s_per_tp_doubling=0.0,
+        seq_s=round(seq_s, 9),
+    )
+    cal.pop("fit", None)
+    return cal
+
+
+def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES) -> pd.DataFrame:
+    """The setup's logs replayed back to back under ``cal``: one row per rate, the errors
+    of TTFT and TPOT p50 / p90 in %."""
+    logs = [read_log(LOGS / f"{setup}-qps{r}.csv", dict(DEFAULT_COLUMNS)) for r in rates]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calibration.json"
+        path.write_text(json.dumps(cal))
+        overrides = [*CLUSTER, f"cluster.groups.0.calibration={path}"]
+        overrides += TP4_PP2 if setup.startswith("tp4pp2") else []
+        sims = simulate_logs(logs, overrides, same_prompts=True)
+    rows = []
+    for rate, log, sim in zip(rates, logs, sims, strict=True):
+        row = compare(f"{setup}-qps{rate}", log, sim, np.inf, np.inf)
+        rows.append({"log": row["log"], **{
+            f"{m}_{part}": round(float(row[f"{m}_{key}"]), 1)
+            for m in METRICS
+            for part, key in (("real_ms", "real_ms"), ("sim_ms", "sim_ms"), ("err_pct", "err_%"))
+        }})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def loss(table: pd.DataFrame) -> float:
+    """Squared relative TPOT errors (p50 and p90) on the fitted rates."""
+    fitted = table[table["log"].isin([f"tp8-qps{r}" for r in FITTED_ON])]
+    errors = fitted[["tpot_p50_err_pct", "tpot_p90_err_pct"]].to_numpy() / 100.0
+    return float((errors**2).sum())
+
+
+def search(layers_us: Iterable[float], seqs_us: Iterable[float]) -> tuple[float, float, float]:
+    """The grid point (layer_s, seq_s, loss) of least loss, replaying all the rates in order
+    so that the prefix cache holds what it held on the real server."""
+    best = (0.0, 0.0, np.inf)
+    for layer_us, seq_us in itertools.product(layers_us, seqs_us):
+        try:
+            value = loss(replay(calibration(layer_us * 1e-6, seq_us * 1e-6)))
+        except RuntimeError:  # the simulated server too slow for the runs to follow each other
+            continue
+        if value < best[2]:
+            best = (layer_us * 1e-6, seq_us * 1e-6, value)
+    return best
+
+
+def fit() -> tuple[float, float, float]:
+    """A coarse grid, then a fine one around its best point."""
+    layer_s, seq_s, _ = search(np.arange(40, 150, 10), np.arange(0, 90, 10))
+    lu, su = layer_s * 1e6, seq_s * 1e6
+    return search(np.arange(lu - 8, lu + 9, 2), np.arange(max(0, su - 8), su + 9, 2))
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| log | TTFT p50 | err | TTFT p90 | err | TPOT p50 | err | TPOT p90 | err |",
+        "|---|---|---:|---|---:|---|---:|---|---:|",
+    ]
+    for r in table.itertuples(index=False):
+        cells = [r.log]
+        for m in METRICS:
+            real, sim = getattr(r, f"{m}_real_ms"), getattr(r, f"{m}_sim_ms")
+            cells += [f"{real:.1f} / {sim:.1f}", f"{getattr(r, f'{m}_err_pct'):+.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help=f"write {NAME}.json")
+    args = p.parse_args(argv)
+    layer_s, seq_s, value = fit()
+    cal = calibration(layer_s, seq_s)
+    tp8 = replay(cal)
+    print(f"fitted on TP8 at {', '.join(FITTED_ON)} req/s: layer_s = {layer_s * 1e6:.1f} us, "
+          f"seq_s = {seq_s * 1e6:.1f} us (loss {value:.4f})")  # fmt: skip
+    print("\nTP8, V1 (rates 4 and 16 held out); real / simulated ms, error %\n")
+    print(markdown(tp8))
+    others = pd.concat([replay(cal, s) for s in ("tp4pp2-ib", "tp4pp2-ibgdr", "tp4pp2-noib")])
+    print("\nTP4 x PP2 over two nodes, V0 (held out: another engine and layout)\n")
+    print(markdown(others))
+    cal["source"] = (
+        "Fitted by `python -m experiments.fit_vllm_engine --write`: layer_s and seq_s on "
+        "public per-request logs of vLLM 0.8.3 (V1) serving Llama-3.3-70B at TP8 on 8 x "
+        "A100-40GB at 1 req/s and all at once (surajssd/llm-k8s, Apache-2.0; "
+        "data/published/llm-k8s-llama33-70b-a100), replayed in the simulator; the all-reduce "
+        "latency on vLLM's custom all-reduce as measured on H100 in sgl-project/sglang#2904 "
+        "(data/published/sglang-custom-allreduce); everything else as in vllm-a100-80gb "
+        "(Vidur's kernel and collective timings, Splitwise's vLLM steps); see "
+        "docs/latency-model.md"
+    )
+    cal["fit"] = {
+        "fitted_on": [f"tp8-qps{r}" for r in FITTED_ON],
+        "loss": round(value, 6),
+        "heldout_tpot_p50_err_pct": {
+            r.log: r.tpot_p50_err_pct
+            for r in tp8.itertuples(index=False)
+            if r.log not in {f"tp8-qps{x}" for x in FITTED_ON}
+        },
+    }
+    if args.write:
+        path = CALIBRATIONS / f"{NAME}.json"
+        path.write_text(json.dumps(cal, indent=1) + "\n")
+        print(f"\nwrote {path.relative_to(ROOT)}")
+    return cal
+
+
+if __name__ == "__main__":
+    main()
