@@ -52,7 +52,9 @@ class Calibration:
     - ``send_recv``: measured cost of one GPU sending to another, ``"intra_node"`` (NVLink)
       and ``"inter_node"`` (the node's network): a pipeline stage's hand-off;
     - ``all_to_all``: measured MoE dispatch / combine cost by EP degree, for the bytes one
-      GPU sends (tokens x experts per token x hidden x bytes per value)."""
+      GPU sends (tokens x experts per token x hidden x bytes per value);
+    - ``default``: chosen for its GPU types where an instance names no calibration (False:
+      only where a cluster group's ``calibration`` names it)."""
 
     name: str
     gpu: str
@@ -72,7 +74,7 @@ class Calibration:
     all_to_all: dict[int, LinkCost] = field(default_factory=dict)
     applies_to: tuple[str, ...] = ()
     source: str = ""
-    default: bool = True  # chosen by GPU type where an instance names no calibration
+    default: bool = True
 
     def __post_init__(self) -> None:
         check_range("bandwidth_fraction", self.bandwidth_fraction, 0.01, 1.0)

@@ -45,6 +45,8 @@ DEFAULT_COLUMNS = {
     "tpot": "tpot_ms",
 }
 PERCENTILES = (50, 90)
+# between two logs sent to one server: the benchmark client's own gap is not logged
+BACK_TO_BACK_GAP_S = 5.0
 
 
 def read_log(path: Path, columns: dict[str, str], time_unit: str = "s") -> pd.DataFrame:
@@ -132,9 +134,6 @@ def simulate_logs(
         out.append(sim)
     return out
 
-
-# between two logs sent to one server: the benchmark client's own gap is not logged
-BACK_TO_BACK_GAP_S = 5.0
 
 
 def real_end_s(log: pd.DataFrame) -> float:
