@@ -135,7 +135,6 @@ def simulate_logs(
     return out
 
 
-
 def real_end_s(log: pd.DataFrame) -> float:
     """When the log's last request ended on the real server, from its first arrival."""
     output = log["output"].to_numpy()
