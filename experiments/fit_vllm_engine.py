@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments.fit_latency_model import fit_link
 from experiments.replay import DEFAULT_COLUMNS, compare, read_log, simulate_logs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,14 @@ METRICS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")
 
 @cache
 def custom_all_reduce_latency() -> dict[int, float]:
-    """Per TP degree, the latency of latency + bytes / bandwidth fitted on the kernel's
-    published timings (messages of 2 KiB to 4 MiB; read once, for every grid point)."""
+    """Per TP degree, the latency of latency + bytes / bandwidth fitted (as every link table
+    is, on relative error) on the kernel's published timings for messages of 2 KiB to 4 MiB;
+    read once, for every grid point."""
     table = pd.read_csv(ALL_REDUCE_CSV)
-    out = {}
-    for tp, rows in table.groupby("tp"):
-        design = np.c_[np.ones(len(rows)), rows["bytes"].to_numpy(float)]
-        (latency, _), *_ = np.linalg.lstsq(design, rows["latency_ms"].to_numpy() / 1e3, rcond=None)
-        out[int(tp)] = float(latency)
-    return out
+    return {
+        int(tp): fit_link(rows.set_index("bytes")["latency_ms"] / 1e3).latency_s
+        for tp, rows in table.groupby("tp")
+    }
 
 
 def calibration(layer_s: float, seq_s: float) -> dict[str, Any]:
@@ -90,16 +90,23 @@ def calibration(layer_s: float, seq_s: float) -> dict[str, Any]:
     return cal
 
 
-def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES) -> pd.DataFrame:
-    """The setup's logs replayed back to back under ``cal``: one row per rate, the errors
-    of TTFT and TPOT p50 / p90 in %."""
+def simulate(
+    cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES
+) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """The setup's logs, and their requests replayed back to back under ``cal``."""
     logs = [read_log(LOGS / f"{setup}-qps{r}.csv", dict(DEFAULT_COLUMNS)) for r in rates]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calibration.json"
         path.write_text(json.dumps(cal))
         overrides = [*CLUSTER, f"cluster.groups.0.calibration={path}"]
         overrides += TP4_PP2 if setup.startswith("tp4pp2") else []
-        sims = simulate_logs(logs, overrides, same_prompts=True)
+        return logs, simulate_logs(logs, overrides, same_prompts=True)
+
+
+def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES) -> pd.DataFrame:
+    """The setup's logs replayed back to back under ``cal``: one row per rate, the errors
+    of TTFT and TPOT p50 / p90 in %."""
+    logs, sims = simulate(cal, setup, rates)
     rows = []
     for rate, log, sim in zip(rates, logs, sims, strict=True):
         row = compare(f"{setup}-qps{rate}", log, sim, np.inf, np.inf)
@@ -109,6 +116,28 @@ def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES
             for part, key in (("real_ms", "real_ms"), ("sim_ms", "sim_ms"), ("err_pct", "err_%"))
         }})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def ttft_gap(cal: dict[str, Any]) -> pd.DataFrame:
+    """Where the TP8 runs' TTFT gap lies, one row per rate below saturation: TTFT = a + b x
+    prompt tokens fitted (least squares) on the real and on the simulated requests, and the
+    median real - simulated TTFT over each fifth of the run, in arrival order."""
+    logs, sims = simulate(cal, rates=RATES)
+    rows = []
+    for rate, log, sim in zip(RATES, logs, sims, strict=True):
+        if rate == "inf":
+            continue
+        real, simulated = log["ttft_ms"].to_numpy(), sim["ttft_ms"].to_numpy()
+        design = np.c_[np.ones(len(log)), log["prompt"].to_numpy(float)]
+        (a_real, b_real), *_ = np.linalg.lstsq(design, real, rcond=None)
+        (a_sim, b_sim), *_ = np.linalg.lstsq(design, simulated, rcond=None)
+        fifths = np.array_split(real - simulated, 5)
+        rows.append({
+            "log": f"tp8-qps{rate}", "a_real_ms": a_real, "a_sim_ms": a_sim,
+            "b_real_ms_per_token": b_real, "b_sim_ms_per_token": b_sim,
+            **{f"gap_fifth{k + 1}_ms": float(np.median(f)) for k, f in enumerate(fifths)},
+        })  # fmt: skip
+    return pd.DataFrame(rows).round(4)
 
 
 def loss(table: pd.DataFrame) -> float:
@@ -164,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"seq_s = {seq_s * 1e6:.1f} us (loss {value:.4f})")  # fmt: skip
     print("\nTP8, V1 (rates 4 and 16 held out); real / simulated ms, error %\n")
     print(markdown(tp8))
+    print("\nTTFT = a + b x prompt tokens, real and simulated; the median real - simulated TTFT")
+    print("(ms) over each fifth of the run, in arrival order\n")
+    print(ttft_gap(cal).to_string(index=False))
     others = pd.concat([replay(cal, s) for s in ("tp4pp2-ib", "tp4pp2-ibgdr", "tp4pp2-noib")])
     print("\nTP4 x PP2 over two nodes, V0 (held out: another engine and layout)\n")
     print(markdown(others))

@@ -40,6 +40,18 @@ def test_the_replay_lands_where_the_doc_says() -> None:
         assert abs(row.tpot_p50_err_pct) < 5 and abs(row.tpot_p90_err_pct) < 5, rate
 
 
+def test_the_ttft_gap_is_not_the_prefill_and_grows_with_the_streams_in_flight() -> None:
+    """What docs/latency-model.md says of the TTFT gap: at 1 req/s (nothing cached) TTFT
+    against prompt length is the same line, real and simulated; at 16 req/s (all cached) the
+    real first tokens come later, more so in the run's last fifth than in its first."""
+    gap = fit.ttft_gap(json.loads(SHIPPED.read_text())).set_index("log")
+    lone = gap.loc["tp8-qps1"]
+    assert abs(lone.a_real_ms - lone.a_sim_ms) < 3.0
+    assert lone.b_sim_ms_per_token == pytest.approx(lone.b_real_ms_per_token, rel=0.1)
+    busy = gap.loc["tp8-qps16"]
+    assert 0 < busy.gap_fifth1_ms < busy.gap_fifth5_ms
+
+
 def test_a_lone_decode_step_costs_what_the_engine_took_beyond_its_weights() -> None:
     """The old (2023) calibration charges a TP8 decode step of Llama-3-70B on A100-40GB about
     twice the 21-25 ms a token the V1 engine took at 1 req/s."""
