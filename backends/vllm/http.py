@@ -193,9 +193,13 @@ class HTTPBackend:
     # ------------------------------------------------------------------ Backend
     async def start(self, events: EngineEvents, clock: Clock) -> None:
         import aiohttp
+        import orjson
 
         self._events, self._clock = events, clock
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            json_serialize=lambda body: orjson.dumps(body).decode(),
+        )
         self._loops = [
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self._scrape_loop()),

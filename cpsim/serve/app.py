@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -106,7 +107,7 @@ class _Client:
 
 
 def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {orjson.dumps(payload).decode()}\n\n"
 
 
 _HTTP_STATUS = re.compile(r"HTTP (4\d\d)\b")
@@ -256,8 +257,8 @@ class Gateway:
         key = self.authenticate(request)
         raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", param="body",
                            code="invalid_json") from None
         parsed = parse_request(
@@ -315,7 +316,8 @@ class Gateway:
                 assert end is not None
                 raise _failure_error(*end)
             if not client.parsed.stream:
-                return JSONResponse(assemble(client.take(), rid, client.parsed))
+                answer = orjson.dumps(assemble(client.take(), rid, client.parsed))
+                return Response(answer, media_type="application/json")
             streaming = True
             return StreamingResponse(
                 self._events(rid, client),
