@@ -5,7 +5,10 @@ has exited is a crash (the manager, by its own health checks, has already stoppe
 it and requeued or failed what it held). The policy (policies/recovery) says how long to wait
 before the restart, or to give up; the engine is then started again on the same address, and
 once it answers its health check the manager routes to it again (on probation first, if the
-policy asks: one request at a time until a few succeed). ``events`` lists what happened, as
+policy asks: one request at a time until a few succeed). A start that hangs (its process up,
+its health check never answering within ``health_timeout_s``) is stopped, so that the next
+check sees a crash and the policy decides again (a later restart, or giving up), rather than
+an engine left half-started with nobody to restart it. ``events`` lists what happened, as
 (manager time, "crash" / "restart" / "up" / "restart failed" / "give up", instance id).
 
     supervisor = EngineSupervisor(manager, BackoffRestart(), {e.instance.instance_id: e
@@ -40,6 +43,8 @@ class RestartableEngine(Protocol):
 
     def wait_healthy(self, timeout_s: float) -> None: ...
 
+    def stop(self) -> None: ...
+
 
 class SimEngine:
     """A replica of a manager over simulated replicas (backends.sim.live.SimBackend), as a
@@ -60,6 +65,9 @@ class SimEngine:
 
     def wait_healthy(self, timeout_s: float) -> None:
         return None
+
+    def stop(self) -> None:
+        self._proc().crash("stopped by the supervisor")
 
 
 class EngineSupervisor:
@@ -139,9 +147,11 @@ class EngineSupervisor:
             await asyncio.to_thread(engine.wait_healthy, self.health_timeout_s)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # it died again on the way up: the next check sees a crash
+        except Exception as exc:  # died or hung on the way up: the next check sees a crash
             log.warning("restarting engine %s failed: %s", instance_id, exc)
             self.events.append((self.manager._now(), "restart failed", instance_id))
+            if not engine.exited():  # hung: stopped, so that the policy decides again
+                await asyncio.to_thread(engine.stop)
         else:
             if self.policy.probation:
                 self.manager.core.start_probation(instance_id)

@@ -115,3 +115,47 @@ def test_cpsim_serve_restarts_its_engines_with_restart_backoff() -> None:
     with pytest.raises(ValueError, match="restart= needs engines cpsim starts"):
         build_gateway(compose_serve(["restart=backoff", "backend=vllm_http",
                                      "cluster=vllm_endpoints"]), {})  # fmt: skip
+
+
+class HangingOnce:
+    """An engine whose first restart hangs (its process up, never healthy) and whose second
+    comes up: a stand-in for a launched server stuck loading."""
+
+    def __init__(self) -> None:
+        self.alive, self.starts, self.stops = False, 0, 0
+
+    def exited(self) -> bool:
+        return not self.alive
+
+    def start(self) -> None:
+        self.starts += 1
+        self.alive = True
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        if self.starts == 1:
+            raise TimeoutError(f"no /health 200 within {timeout_s} s")
+
+    def stop(self) -> None:
+        self.stops += 1
+        self.alive = False
+
+
+def test_a_restart_that_hangs_is_stopped_and_the_policy_restarts_it_again() -> None:
+    async def main() -> tuple[list[tuple[float, str, str]], HangingOnce]:
+        cp = ControlPlaneManager(enable_monitoring=False, backend=SimBackend(time_scale=SCALE))
+        cp.register_instance(ExecutionInstance("a", max_concurrent_requests=8))
+        await cp.start()
+        engine = HangingOnce()  # down at the start: a crash to the supervisor
+        supervisor = EngineSupervisor(
+            cp, BackoffRestart(initial_delay_s=0.1), {"a": engine}, check_interval_s=0.02
+        )
+        await supervisor.start()
+        await until(lambda: any(kind == "up" for _, kind, _ in supervisor.events))
+        await supervisor.stop()
+        await cp.stop()
+        return supervisor.events, engine
+
+    events, engine = asyncio.run(asyncio.wait_for(main(), 30.0))
+    kinds = [kind for _, kind, _ in events]
+    assert kinds == ["crash", "restart", "restart failed", "crash", "restart", "up"]
+    assert engine.starts == 2 and engine.stops == 1 and engine.alive
