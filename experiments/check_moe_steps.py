@@ -71,14 +71,10 @@ def table() -> pd.DataFrame:
         for r in runs.itertuples(index=False):
             tp, shape = int(r.tp), (int(r.batch_size), int(r.input_len), int(r.output_len))
             sim = batch_latency_s(RooflineLatencyModel(model_name, gpu, tp), *shape)
-            current = CURRENT.get(gpu)
-            sim_current = (
-                batch_latency_s(
-                    RooflineLatencyModel(model_name, gpu, tp, calibration=current), *shape
-                )
-                if current
-                else np.nan
-            )
+            sim_current, current = np.nan, CURRENT.get(gpu)
+            if current is not None:
+                model = RooflineLatencyModel(model_name, gpu, tp, calibration=current)
+                sim_current = batch_latency_s(model, *shape)
             real = float(getattr(r, latency))
             rows.append({
                 "source": name.split("_")[1].replace("pr", "vllm#"), "model": model_name,

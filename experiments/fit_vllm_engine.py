@@ -106,7 +106,13 @@ def simulate(
 def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES) -> pd.DataFrame:
     """The setup's logs replayed back to back under ``cal``: one row per rate, the errors
     of TTFT and TPOT p50 / p90 in %."""
-    logs, sims = simulate(cal, setup, rates)
+    return errors(setup, rates, *simulate(cal, setup, rates))
+
+
+def errors(
+    setup: str, rates: Sequence[str], logs: list[pd.DataFrame], sims: list[pd.DataFrame]
+) -> pd.DataFrame:
+    """One row per rate: real and simulated TTFT and TPOT p50 / p90, and their errors in %."""
     rows = []
     for rate, log, sim in zip(rates, logs, sims, strict=True):
         row = compare(f"{setup}-qps{rate}", log, sim, np.inf, np.inf)
@@ -118,11 +124,11 @@ def replay(cal: dict[str, Any], setup: str = "tp8", rates: Sequence[str] = RATES
     return pd.DataFrame(rows)
 
 
-def ttft_gap(cal: dict[str, Any]) -> pd.DataFrame:
-    """Where the TP8 runs' TTFT gap lies, one row per rate below saturation: TTFT = a + b x
-    prompt tokens fitted (least squares) on the real and on the simulated requests, and the
-    median real - simulated TTFT over each fifth of the run, in arrival order."""
-    logs, sims = simulate(cal, rates=RATES)
+def ttft_gap(logs: list[pd.DataFrame], sims: list[pd.DataFrame]) -> pd.DataFrame:
+    """Where the TP8 runs' TTFT gap lies (``simulate``'s logs and records at every rate),
+    one row per rate below saturation: TTFT = a + b x prompt tokens fitted (least squares)
+    on the real and on the simulated requests, and the median real - simulated TTFT over
+    each fifth of the run, in arrival order."""
     rows = []
     for rate, log, sim in zip(RATES, logs, sims, strict=True):
         if rate == "inf":
@@ -188,14 +194,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     layer_s, seq_s, value = fit()
     cal = calibration(layer_s, seq_s)
-    tp8 = replay(cal)
+    logs, sims = simulate(cal)
+    tp8 = errors("tp8", RATES, logs, sims)
     print(f"fitted on TP8 at {', '.join(FITTED_ON)} req/s: layer_s = {layer_s * 1e6:.1f} us, "
           f"seq_s = {seq_s * 1e6:.1f} us (loss {value:.4f})")  # fmt: skip
     print("\nTP8, V1 (rates 4 and 16 held out); real / simulated ms, error %\n")
     print(markdown(tp8))
     print("\nTTFT = a + b x prompt tokens, real and simulated; the median real - simulated TTFT")
     print("(ms) over each fifth of the run, in arrival order\n")
-    print(ttft_gap(cal).to_string(index=False))
+    print(ttft_gap(logs, sims).to_string(index=False))
     others = pd.concat([replay(cal, s) for s in ("tp4pp2-ib", "tp4pp2-ibgdr", "tp4pp2-noib")])
     print("\nTP4 x PP2 over two nodes, V0 (held out: another engine and layout)\n")
     print(markdown(others))

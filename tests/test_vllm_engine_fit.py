@@ -44,7 +44,7 @@ def test_the_ttft_gap_is_not_the_prefill_and_grows_with_the_streams_in_flight() 
     """What docs/latency-model.md says of the TTFT gap: at 1 req/s (nothing cached) TTFT
     against prompt length is the same line, real and simulated; at 16 req/s (all cached) the
     real first tokens come later, more so in the run's last fifth than in its first."""
-    gap = fit.ttft_gap(json.loads(SHIPPED.read_text())).set_index("log")
+    gap = fit.ttft_gap(*fit.simulate(json.loads(SHIPPED.read_text()))).set_index("log")
     lone = gap.loc["tp8-qps1"]
     assert abs(lone.a_real_ms - lone.a_sim_ms) < 3.0
     assert lone.b_sim_ms_per_token == pytest.approx(lone.b_real_ms_per_token, rel=0.1)
