@@ -18,6 +18,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 #: The console script the README uses, where the package is installed (else the module).
@@ -43,6 +44,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def requests_held(url: str) -> float:
+    """Requests the server has queued or running, read from its /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name in ("cpsim:num_requests_waiting", "cpsim:num_requests_running")
+               for sample in family.samples)
 
 
 def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(tmp_path: Path) -> None:
@@ -76,7 +85,11 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(tmp_path:
         threads = [threading.Thread(target=stream_long), threading.Thread(target=ask_short)]
         for thread in threads:
             thread.start()
-        while len(long_events) < 2:
+        # SIGTERM only once the server holds both requests (or has answered the short one):
+        # sent earlier, on a loaded machine, it can close the socket before the short one lands.
+        deadline = time.monotonic() + 30
+        while len(long_events) < 2 or not (short or requests_held(url) >= 2):
+            assert time.monotonic() < deadline, (long_events, short)
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
