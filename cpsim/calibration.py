@@ -53,6 +53,11 @@ class Calibration:
       and ``"inter_node"`` (the node's network): a pipeline stage's hand-off;
     - ``all_to_all``: measured MoE dispatch / combine cost by EP degree, for the bytes one
       GPU sends (tokens x experts per token x hidden x bytes per value);
+    - ``frontend_request_s`` / ``frontend_stream_s``: the engine's frontend (its API server
+      process), two queues that serve one job at a time: each request's input processing
+      (tokenization on one thread) before the engine core takes it, and each step's outputs
+      (detokenization, the streamed chunk) at ``frontend_stream_s`` per request with a token
+      before the client sees them (0: not modelled; ``cpsim.latency.frontend_costs_s``);
     - ``default``: chosen for its GPU types where an instance names no calibration (False:
       only where a cluster group's ``calibration`` names it)."""
 
@@ -75,6 +80,8 @@ class Calibration:
     applies_to: tuple[str, ...] = ()
     source: str = ""
     default: bool = True
+    frontend_request_s: float = 0.0
+    frontend_stream_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_range("bandwidth_fraction", self.bandwidth_fraction, 0.01, 1.0)
@@ -88,6 +95,8 @@ class Calibration:
             "token_sq_factor",
             "flop_fraction_tp_exponent",
             "layer_s_per_tp_doubling",
+            "frontend_request_s",
+            "frontend_stream_s",
         ):
             check_non_negative(f, getattr(self, f))
         for tp in self.all_reduce:

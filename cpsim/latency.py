@@ -14,6 +14,7 @@ __all__ = [
     "ObservedLatencyModel",
     "StepBatch",
     "StepLatencyModel",
+    "frontend_costs_s",
     "request_path_s",
 ]
 
@@ -51,6 +52,15 @@ def request_path_s(model: object) -> tuple[float, float]:
     the engine core and of its outputs back (``ProfiledLatencyModel``); (0, 0) for models
     that price steps only."""
     return float(getattr(model, "ingress_s", 0.0)), float(getattr(model, "egress_s", 0.0))
+
+
+def frontend_costs_s(model: object) -> tuple[float, float]:
+    """(request_s, stream_s) of a step-pricing model's frontend: the time its one input queue
+    spends on each request before the engine core takes it, and its one output queue on each
+    request's token of a step before the client sees it (``Calibration``); (0, 0) where the
+    model has none. Unlike ``request_path_s``, these are queues: they add more under load."""
+    return (float(getattr(model, "frontend_request_s", 0.0)),
+            float(getattr(model, "frontend_stream_s", 0.0)))
 
 
 class ObservedLatencyModel:

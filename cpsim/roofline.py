@@ -142,6 +142,9 @@ class RooflineLatencyModel:
             else f"no calibration for {self.gpu.name}: {FALLBACK_CALIBRATION}'s fractions and "
             "fixed costs with its datasheet peak, bandwidth and link"
         )
+        # the serving path the simulated replica adds around the steps (frontend_costs_s)
+        self.frontend_request_s = self.calibration.frontend_request_s
+        self.frontend_stream_s = self.calibration.frontend_stream_s
         all_reduce = None if own is None else own.all_reduce_at(tensor_parallel_size)
         self.all_reduce = all_reduce or nominal_all_reduce(self.gpu, max(2, tensor_parallel_size))
         measured = {} if own is None else own.send_recv

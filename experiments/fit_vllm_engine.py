@@ -11,11 +11,15 @@ simulator: the public TP8 runs of Llama-3.3-70B on 8 x A100-40GB
 server that kept its prefix cache) are replayed with candidate engine terms, and the two
 terms the runs can tell apart are chosen to match the measured TPOT at the lightest load
 (1 req/s: a few sequences a step) and the heaviest (all 200 requests at once: about 200).
-The rates between (4 and 16 req/s) are held out, as are the TP4 x PP2 runs (another engine,
-V0, and layout). Everything else comes from the Splitwise-fitted A100 calibration (the
+TPOT is the engine's; what TTFT adds under load is the frontend's (one API-server process
+that handles every stream's tokens in turn), and its cost per stream and step
+(``frontend_stream_s``) is then chosen to match TTFT at 16 req/s. 4 req/s is held out
+whole (and, as a cross-check, the frontend fitted at 4 req/s is tried at 16), as are the
+TP4 x PP2 runs (another engine, V0, and layout); the engine terms are fitted once more
+with the frontend in place. Everything else comes from the Splitwise-fitted A100 calibration (the
 GPU's achieved bandwidth and FLOP fractions, measured on kernels and 2023 steps) and from a
 public measurement of vLLM's custom all-reduce (``data/published/sglang-custom-allreduce/``).
-About a minute and a half.
+About three minutes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ BASE = "vllm-a100-80gb"
 NAME = "vllm-0.8-a100"
 RATES = ("1", "4", "16", "inf")  # the order the runs were sent in
 FITTED_ON = ("1", "inf")
+FRONTEND_FITTED_ON = "16"
 CLUSTER = ["cluster=llm_k8s_llama33_70b", "~profile"]
 TP4_PP2 = [
     "cluster.groups.0.tensor_parallel_size=4",
@@ -65,11 +70,12 @@ def custom_all_reduce_latency() -> dict[int, float]:
     }
 
 
-def calibration(layer_s: float, seq_s: float) -> dict[str, Any]:
+def calibration(layer_s: float, seq_s: float, stream_s: float = 0.0) -> dict[str, Any]:
     """The base calibration with a current vLLM's engine terms: the custom all-reduce's
     latency (bandwidth: NCCL's on the node, which vLLM uses for large messages), no
     per-layer cost growing with TP (the 2023 engine's launched and synchronised its NCCL
-    calls from the host each layer; CUDA graphs replay them), ``layer_s`` and ``seq_s``."""
+    calls from the host each layer; CUDA graphs replay them), ``layer_s`` and ``seq_s``;
+    and its frontend's cost per stream and step, ``stream_s``."""
     cal = json.loads((CALIBRATIONS / f"{BASE}.json").read_text())
     latency = custom_all_reduce_latency()
     cal["all_reduce"] = {
@@ -85,6 +91,7 @@ def calibration(layer_s: float, seq_s: float) -> dict[str, Any]:
         layer_s=round(layer_s, 9),
         layer_s_per_tp_doubling=0.0,
         seq_s=round(seq_s, 9),
+        frontend_stream_s=round(stream_s, 9),
     )
     cal.pop("fit", None)
     return cal
@@ -153,13 +160,22 @@ def loss(table: pd.DataFrame) -> float:
     return float((errors**2).sum())
 
 
-def search(layers_us: Iterable[float], seqs_us: Iterable[float]) -> tuple[float, float, float]:
+def ttft_loss(table: pd.DataFrame, rate: str) -> float:
+    """Squared relative TTFT errors (p50 and p90) at one rate."""
+    row = table[table["log"] == f"tp8-qps{rate}"]
+    errors = row[["ttft_p50_err_pct", "ttft_p90_err_pct"]].to_numpy() / 100.0
+    return float((errors**2).sum())
+
+
+def search(
+    layers_us: Iterable[float], seqs_us: Iterable[float], stream_s: float = 0.0
+) -> tuple[float, float, float]:
     """The grid point (layer_s, seq_s, loss) of least loss, replaying all the rates in order
     so that the prefix cache holds what it held on the real server."""
     best = (0.0, 0.0, np.inf)
     for layer_us, seq_us in itertools.product(layers_us, seqs_us):
         try:
-            value = loss(replay(calibration(layer_us * 1e-6, seq_us * 1e-6)))
+            value = loss(replay(calibration(layer_us * 1e-6, seq_us * 1e-6, stream_s)))
         except RuntimeError:  # the simulated server too slow for the runs to follow each other
             continue
         if value < best[2]:
@@ -167,11 +183,40 @@ def search(layers_us: Iterable[float], seqs_us: Iterable[float]) -> tuple[float,
     return best
 
 
-def fit() -> tuple[float, float, float]:
-    """A coarse grid, then a fine one around its best point."""
+def search_frontend(
+    layer_s: float, seq_s: float, streams_us: Iterable[float], rate: str
+) -> tuple[float, float]:
+    """The frontend cost (stream_s, loss) of least TTFT loss at ``rate``, replaying the
+    rates up to it in order."""
+    rates = RATES[: RATES.index(rate) + 1]
+    best = (0.0, np.inf)
+    for stream_us in streams_us:
+        value = ttft_loss(replay(calibration(layer_s, seq_s, stream_us * 1e-6), rates=rates), rate)
+        if value < best[1]:
+            best = (stream_us * 1e-6, value)
+    return best
+
+
+def fit_frontend(layer_s: float, seq_s: float, rate: str = FRONTEND_FITTED_ON) -> float:
+    """A coarse grid of the frontend's cost per stream and step, then a fine one."""
+    stream_s, _ = search_frontend(layer_s, seq_s, np.arange(0, 501, 25), rate)
+    su = stream_s * 1e6
+    return search_frontend(layer_s, seq_s, np.arange(max(0, su - 20), su + 21, 5), rate)[0]
+
+
+def fit() -> tuple[float, float, float, float]:
+    """(layer_s, seq_s, stream_s, loss): the engine terms on a coarse grid then a fine one,
+    with no frontend; the frontend's cost given them; the engine terms again on a fine grid,
+    with that frontend (it delays the tokens of a busy step, which TPOT at 200 streams sees)."""
     layer_s, seq_s, _ = search(np.arange(40, 150, 10), np.arange(0, 90, 10))
     lu, su = layer_s * 1e6, seq_s * 1e6
-    return search(np.arange(lu - 8, lu + 9, 2), np.arange(max(0, su - 8), su + 9, 2))
+    layer_s, seq_s, _ = search(np.arange(lu - 8, lu + 9, 2), np.arange(max(0, su - 8), su + 9, 2))
+    stream_s = fit_frontend(layer_s, seq_s)
+    lu, su = layer_s * 1e6, seq_s * 1e6
+    layer_s, seq_s, value = search(
+        np.arange(lu - 6, lu + 7, 2), np.arange(max(0, su - 6), su + 7, 2), stream_s
+    )
+    return layer_s, seq_s, stream_s, value
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -192,14 +237,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help=f"write {NAME}.json")
     args = p.parse_args(argv)
-    layer_s, seq_s, value = fit()
-    cal = calibration(layer_s, seq_s)
+    layer_s, seq_s, stream_s, value = fit()
+    cal = calibration(layer_s, seq_s, stream_s)
     logs, sims = simulate(cal)
     tp8 = errors("tp8", RATES, logs, sims)
     print(f"fitted on TP8 at {', '.join(FITTED_ON)} req/s: layer_s = {layer_s * 1e6:.1f} us, "
-          f"seq_s = {seq_s * 1e6:.1f} us (loss {value:.4f})")  # fmt: skip
-    print("\nTP8, V1 (rates 4 and 16 held out); real / simulated ms, error %\n")
+          f"seq_s = {seq_s * 1e6:.1f} us (loss {value:.4f}); on TTFT at "
+          f"{FRONTEND_FITTED_ON} req/s: frontend_stream_s = {stream_s * 1e6:.0f} us")  # fmt: skip
+    print("\nTP8, V1 (4 req/s held out, and TPOT at 16); real / simulated ms, error %\n")
     print(markdown(tp8))
+    crossed = fit_frontend(layer_s, seq_s, rate="4")
+    print(f"\ncross-check: the frontend fitted on TTFT at 4 req/s instead "
+          f"(frontend_stream_s = {crossed * 1e6:.0f} us), 16 req/s held out\n")  # fmt: skip
+    print(markdown(replay(calibration(layer_s, seq_s, crossed))))
+    no_frontend = replay(calibration(layer_s, seq_s))
+    print("\nthe same engine terms without the frontend\n")
+    print(markdown(no_frontend))
     print("\nTTFT = a + b x prompt tokens, real and simulated; the median real - simulated TTFT")
     print("(ms) over each fifth of the run, in arrival order\n")
     print(ttft_gap(logs, sims).to_string(index=False))
@@ -209,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cal["source"] = (
         "Fitted by `python -m experiments.fit_vllm_engine --write`: layer_s and seq_s on "
         "public per-request logs of vLLM 0.8.3 (V1) serving Llama-3.3-70B at TP8 on 8 x "
-        "A100-40GB at 1 req/s and all at once (surajssd/llm-k8s, Apache-2.0; "
+        "A100-40GB at 1 req/s and all at once, and frontend_stream_s on TTFT at 16 req/s "
+        "(surajssd/llm-k8s, Apache-2.0; "
         "data/published/llm-k8s-llama33-70b-a100), replayed in the simulator; the all-reduce "
         "latency on vLLM's custom all-reduce as measured on H100 in sgl-project/sglang#2904 "
         "(data/published/sglang-custom-allreduce); everything else as in vllm-a100-80gb "
@@ -218,11 +272,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     cal["fit"] = {
         "fitted_on": [f"tp8-qps{r}" for r in FITTED_ON],
+        "frontend_fitted_on": f"tp8-qps{FRONTEND_FITTED_ON}",
         "loss": round(value, 6),
         "heldout_tpot_p50_err_pct": {
             r.log: r.tpot_p50_err_pct
             for r in tp8.itertuples(index=False)
             if r.log not in {f"tp8-qps{x}" for x in FITTED_ON}
+        },
+        "heldout_ttft_p50_err_pct": {
+            r.log: r.ttft_p50_err_pct
+            for r in tp8.itertuples(index=False)
+            if r.log not in {f"tp8-qps{x}" for x in (*FITTED_ON, FRONTEND_FITTED_ON)}
         },
     }
     if args.write:

@@ -72,7 +72,7 @@ def test_logs_sent_back_to_back_with_the_same_prompts_reuse_the_prefix_cache() -
     log = read_log(K8S / "tp8-qps1.csv", DEFAULT_COLUMNS)
     overrides = ["cluster=llm_k8s_llama33_70b", "~profile"]
     first, again = simulate_logs([log, log], overrides, same_prompts=True)
-    assert again["ttft_ms"].median() < 0.8 * first["ttft_ms"].median()
+    assert again["ttft_ms"].median() < 0.85 * first["ttft_ms"].median()
     fresh = simulate_logs([log], overrides)[0]
     assert fresh["ttft_ms"].median() == pytest.approx(first["ttft_ms"].median(), rel=0.02)
 

@@ -16,7 +16,7 @@ from backends.sim.request import SimRequest
 from backends.sim.step import StepOutcome, StepPlan
 from backends.sim.wakeup import Scheduler, WakeUp
 from cpsim.backend import EngineEvents
-from cpsim.latency import request_path_s
+from cpsim.latency import frontend_costs_s, request_path_s
 from cpsim.validation import check_choice
 from cpsim.views import InstanceSnapshot, Phase, new_namedtuple
 
@@ -88,9 +88,14 @@ class ReplicaProcess:
         self._run_done = 0
         self._run_linear = (0.0, 0.0)
         self._run_times: np.ndarray | None = None
+        self._run_start_s = 0.0
         self._in_run = False
         self._deferred_aborts: list[str] = []
         self._ingress_s, self._egress_s = request_path_s(replica.latency)
+        # the frontend's two queues (cpsim.latency.frontend_costs_s): when each is next free
+        self._request_cost_s, self._stream_cost_s = frontend_costs_s(replica.latency)
+        self._inputs_free_s = -_INF
+        self._outputs_free_s = -_INF
         self._arriving: dict[str, SimRequest] = {}  # submitted, still on the ingress path
         # a "fail" fault (black hole): until when, how soon each request fails, and the
         # requests due to fail
@@ -128,9 +133,13 @@ class ReplicaProcess:
         if self._failing_until_s > now:
             self._fail_later(req.request_id)
             return
-        if self._ingress_s > 0.0:
+        delay_s = self._ingress_s
+        if self._request_cost_s > 0.0:
+            self._inputs_free_s = max(now, self._inputs_free_s) + self._request_cost_s
+            delay_s += self._inputs_free_s - now
+        if delay_s > 0.0:
             self._arriving[req.request_id] = req
-            self.clock.call_later(self._ingress_s, lambda _event: self._admit(req))
+            self.clock.call_later(delay_s, lambda _event: self._admit(req))
             return
         self.replica.add_request(req)
         self._poke()
@@ -332,6 +341,7 @@ class ReplicaProcess:
             self._run_times = times = rep.decode_run_times_s(horizon) * scale
             total = float(times[-1])
         self._run_horizon = horizon
+        self._run_start_s = now
         self._state = _RUN
         self._in_run = True
         self._step_start_s = now
@@ -389,13 +399,13 @@ class ReplicaProcess:
         rep = self.replica
         self._state = _BUSY  # until _next: a wake-up during the reports below waits for it
         self._in_run = False
-        self._run_times = None
         outcome = rep.advance_decode(self._run_done)
         if self._deferred_aborts:
             for request_id in self._deferred_aborts:
                 rep.abort_request(request_id)
             self._deferred_aborts.clear()
         self._report(outcome, now)
+        self._run_times = None
         if self._detaching:
             self._detached(now)
         self._next(now)
@@ -405,7 +415,10 @@ class ReplicaProcess:
         """Tell ``events`` what a step or run produced: at once, or after the egress path
         (not at all if the replica crashed meanwhile: the crash's report covers it)."""
         self._stamp(outcome, now)
-        if self._egress_s <= 0.0:
+        delay_s = self._egress_s
+        if self._stream_cost_s > 0.0:
+            delay_s += self._outputs_processed_s(outcome, now) - now
+        if delay_s <= 0.0:
             self._deliver(outcome, now)
         elif outcome.first_token_ids or outcome.finished or self.token_reports == "step":
             crashes = self.num_crashes
@@ -414,7 +427,32 @@ class ReplicaProcess:
                 if self.num_crashes == crashes:
                     self._deliver(outcome, self.clock.now())
 
-            self.clock.call_later(self._egress_s, deliver)
+            self.clock.call_later(delay_s, deliver)
+
+    def _outputs_processed_s(self, outcome: StepOutcome, now: float) -> float:
+        """When the frontend's output queue has processed what ``outcome`` produced: each
+        step's outputs, ``stream_cost_s`` per request with a token, queue behind the steps
+        before them. The steps of a decode run are queued at their own end times (as priced
+        when the run began: a stall during the run is not counted)."""
+        work = self._stream_cost_s * (len(outcome.bulk_ids) + len(outcome.token_counts))
+        num_steps = outcome.num_steps
+        free = self._outputs_free_s
+        if num_steps > 1:
+            start = self._run_start_s
+            if self._run_times is None:
+                first, increment = self._run_linear
+                # step times grow (increment >= 0), so the queue is longest after the first
+                # step's outputs or after the last's
+                last = start + linear_run_end_s(first, increment, num_steps)
+                free = max(max(free, start + first) + num_steps * work, last + work)
+            else:
+                ends = start + self._run_times[:num_steps]
+                backlog = work * np.arange(num_steps, 0, -1)
+                free = max(free + num_steps * work, float(np.max(ends + backlog)))
+        else:
+            free = max(free, now) + work
+        self._outputs_free_s = free
+        return free
 
     def _stamp(self, outcome: StepOutcome, now: float) -> None:
         """The engine's own times of the first tokens and finishes in ``outcome``."""

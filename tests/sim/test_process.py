@@ -316,3 +316,57 @@ def test_a_report_on_the_egress_path_at_a_crash_never_reaches_the_retry(latency)
     retry_first = done_s + 3 * EGRESS_S / 4 + INGRESS_S + step_s + EGRESS_S
     assert [e[2] for e in events.log if e[:2] == ("first", "a")] == pytest.approx([retry_first])
     assert [e[2] for e in events.log if e[:2] == ("finish", "a")] == pytest.approx([retry_first])
+
+
+# ------------------------------------------------------------------ the frontend's queues
+class WithFrontend:
+    """A latency model with frontend costs (cpsim.latency.frontend_costs_s); its decode runs
+    priced in closed form (``closed_form``) or step by step."""
+
+    def __init__(self, inner, request_s=0.0, stream_s=0.0, closed_form=True):  # type: ignore[no-untyped-def]
+        self.inner, self.closed_form = inner, closed_form
+        self.frontend_request_s, self.frontend_stream_s = request_s, stream_s
+
+    def step_time_s(self, batch):  # type: ignore[no-untyped-def]
+        return self.inner.step_time_s(batch)
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        if not self.closed_form:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_the_frontend_takes_requests_in_one_at_a_time(latency) -> None:  # type: ignore[no-untyped-def]
+    env, proc, events = setup(WithFrontend(latency, request_s=0.01))
+    for rid in "abc":
+        submit_at(env, proc, 1.0, SimRequest(rid, 400, 30))
+    env.run(until=1.025)
+    assert proc.replica.get("b") is not None and proc.replica.get("c") is None
+    env.run()
+    first, _ = lone_finish_s(latency, 400, 30, start=1.01)
+    assert events.times("first")["a"] == pytest.approx(first)  # alone on the engine until 1.02
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+@pytest.mark.parametrize("use_decode_runs", [True, False])
+@pytest.mark.parametrize("stream_ms", [0.5, 40.0])  # keeping up with the steps; falling behind
+def test_the_frontend_processes_each_steps_outputs_in_turn(  # type: ignore[no-untyped-def]
+    latency, closed_form, use_decode_runs, stream_ms
+) -> None:
+    stream_s = stream_ms / 1e3
+    model = WithFrontend(latency, stream_s=stream_s, closed_form=closed_form)
+    env, proc, events = setup(model, use_decode_runs=use_decode_runs)
+    submit_at(env, proc, 1.0, SimRequest("a", 400, 30))
+    env.run()
+    # the engine's step ends; the frontend works through them one after another
+    ends = [1.0 + latency.step_time_s(StepBatch(400, 400**2, 0, 1))]
+    for i in range(1, 30):
+        ends.append(ends[-1] + latency.step_time_s(
+            StepBatch(num_decode_seqs=1, decode_context_tokens=400 + i)))
+    processed, free = [], -1.0
+    for end in ends:
+        free = max(free, end) + stream_s
+        processed.append(free)
+    assert events.times("first")["a"] == pytest.approx(processed[0])
+    assert events.times("finish")["a"] == pytest.approx(processed[-1])
+    assert proc.replica.num_steps == 30
