@@ -575,6 +575,7 @@ class ReplicaProcess:
         self._deferred_aborts.clear()
         self._state = _IDLE
         self._pending = self._then = self._plan = self._run_times = None  # the work is lost
+        self._inputs_free_s = self._outputs_free_s = -_INF  # the frontend goes down with it
         self.is_up = False
         self._stall_debt_s = 0.0
         self._stalled_until_s = -_INF

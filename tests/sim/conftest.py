@@ -50,3 +50,20 @@ def drive(rep: SimReplica, fast: bool, max_iterations: int = 100_000):  # type: 
         for req in outcome.finished:
             seen.setdefault(req.request_id, [None, None, None])[1:] = [now, req]
     return seen, now
+
+
+class WithFrontend:
+    """A latency model with frontend costs (cpsim.latency.frontend_costs_s); its decode runs
+    priced in closed form (``closed_form``) or step by step."""
+
+    def __init__(self, inner, request_s=0.0, stream_s=0.0, closed_form=True):  # type: ignore[no-untyped-def]
+        self.inner, self.closed_form = inner, closed_form
+        self.frontend_request_s, self.frontend_stream_s = request_s, stream_s
+
+    def step_time_s(self, batch):  # type: ignore[no-untyped-def]
+        return self.inner.step_time_s(batch)
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        if not self.closed_form:
+            raise AttributeError(name)
+        return getattr(self.inner, name)

@@ -35,6 +35,7 @@ from policies.pd.threshold import ThresholdPDPolicy
 from policies.routing.load_balanced import LoadBalancedRouter
 from policies.routing.random import RandomRouter
 from policies.scheduling.fifo import FIFOPolicy
+from tests.sim.conftest import WithFrontend
 
 MODEL = load_model_spec("tiny-llama")
 COEFFICIENTS = {
@@ -277,8 +278,10 @@ def test_every_request_ends_exactly_once_and_blocks_stay_in_bounds(
     queue_timeout_s: float | None,
     serving_path: bool,
 ) -> None:
-    latency = (ProfiledLatencyModel("tiny-llama", "test-gpu", COEFFICIENTS, ingress_s=0.004,
-                                    egress_s=0.003) if serving_path else LATENCY)
+    # the serving path: fixed delays and the frontend's queues
+    latency = WithFrontend(ProfiledLatencyModel("tiny-llama", "test-gpu", COEFFICIENTS,
+                                                ingress_s=0.004, egress_s=0.003),
+                           request_s=0.001, stream_s=0.0002) if serving_path else LATENCY
     types = ["general"] * num_replicas
     if pd_on and num_replicas >= 2:
         types = ["prefilling"] + ["decoding"] * (num_replicas - 1)

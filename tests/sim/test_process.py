@@ -11,7 +11,7 @@ from backends.sim.request import SimRequest
 from cpsim.latency import StepBatch
 from cpsim.profiles import ProfiledLatencyModel
 from cpsim.views import Phase
-from tests.sim.conftest import make_replica
+from tests.sim.conftest import WithFrontend, make_replica
 
 
 class Recorder:
@@ -319,23 +319,6 @@ def test_a_report_on_the_egress_path_at_a_crash_never_reaches_the_retry(latency)
 
 
 # ------------------------------------------------------------------ the frontend's queues
-class WithFrontend:
-    """A latency model with frontend costs (cpsim.latency.frontend_costs_s); its decode runs
-    priced in closed form (``closed_form``) or step by step."""
-
-    def __init__(self, inner, request_s=0.0, stream_s=0.0, closed_form=True):  # type: ignore[no-untyped-def]
-        self.inner, self.closed_form = inner, closed_form
-        self.frontend_request_s, self.frontend_stream_s = request_s, stream_s
-
-    def step_time_s(self, batch):  # type: ignore[no-untyped-def]
-        return self.inner.step_time_s(batch)
-
-    def __getattr__(self, name):  # type: ignore[no-untyped-def]
-        if not self.closed_form:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
 def test_the_frontend_takes_requests_in_one_at_a_time(latency) -> None:  # type: ignore[no-untyped-def]
     env, proc, events = setup(WithFrontend(latency, request_s=0.01))
     for rid in "abc":
@@ -370,3 +353,16 @@ def test_the_frontend_processes_each_steps_outputs_in_turn(  # type: ignore[no-u
     assert events.times("first")["a"] == pytest.approx(processed[0])
     assert events.times("finish")["a"] == pytest.approx(processed[-1])
     assert proc.replica.num_steps == 30
+
+
+def test_a_crash_empties_the_frontends_queues(latency) -> None:  # type: ignore[no-untyped-def]
+    """Outputs queued behind a crashed engine's backlog are lost with it; a request after
+    the restart waits for nothing."""
+    env, proc, events = setup(WithFrontend(latency, request_s=0.5, stream_s=0.5))
+    for rid in "abcd":
+        submit_at(env, proc, 0.0, SimRequest(rid, 100, 5))
+    proc.add_fault(Fault("crash", at_s=0.6, duration_s=0.1))
+    submit_at(env, proc, 1.0, SimRequest("e", 100, 1))
+    env.run()
+    first, _ = lone_finish_s(latency, 100, 1, start=1.5)
+    assert events.times("first")["e"] == pytest.approx(first + 0.5)
