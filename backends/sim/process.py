@@ -49,7 +49,9 @@ class ReplicaProcess:
     The latency model's serving path (``cpsim.latency.request_path_s``) delays a submitted
     request's admission by ``ingress_s`` and every report to ``events`` by ``egress_s``, as
     a real engine core takes requests in and sends outputs out through its frontend; with
-    both 0 (engine-only profiles) nothing is delayed and no event is added."""
+    both 0 (engine-only profiles) nothing is delayed and no event is added. A model with
+    frontend costs (``cpsim.latency.frontend_costs_s``) adds the frontend's two queues: each
+    request waits its turn to be taken in, each step's outputs theirs to be handed on."""
 
     def __init__(
         self,
@@ -412,8 +414,9 @@ class ReplicaProcess:
 
     # ------------------------------------------------------------------ reports
     def _report(self, outcome: StepOutcome, now: float) -> None:
-        """Tell ``events`` what a step or run produced: at once, or after the egress path
-        (not at all if the replica crashed meanwhile: the crash's report covers it)."""
+        """Tell ``events`` what a step or run produced: at once, or after the egress path and
+        the frontend's output queue (not at all if the replica crashed meanwhile: the crash's
+        report covers it)."""
         self._stamp(outcome, now)
         delay_s = self._egress_s
         if self._stream_cost_s > 0.0:
