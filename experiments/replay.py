@@ -7,9 +7,11 @@ A log is a CSV, JSON (a list of records) or JSONL file with one row per request:
 (issue) time, prompt and output lengths, and the TTFT and TPOT the system measured.
 ``--columns`` maps those to the log's own names (defaults: issue_time_s, prompt_len,
 output_len, ttft_ms, tpot_ms); ``--time-unit ms`` when arrivals are in milliseconds. The
-requests arrive in the simulator at the logged times (rebased to the first), ask for exactly
-the logged output (as the benchmarks' ``ignore_eos``), and run on the cluster composed from
-``conf/`` by the overrides after ``--`` (e.g. ``cluster=distserve_opt13b pd=threshold``).
+result file of vLLM's own benchmark (``vllm bench serve --save-result --save-detailed``) is
+read as it is (``experiments/vllm_bench.py``; ``--vllm-schedule`` where it has no send times).
+The requests arrive in the simulator at the logged times (rebased to the first), ask for
+exactly the logged output (as the benchmarks' ``ignore_eos``), and run on the cluster composed
+from ``conf/`` by the overrides after ``--`` (e.g. ``cluster=distserve_opt13b pd=threshold``).
 Each log runs on a fresh cluster, unless ``--back-to-back``: the logs run one after another
 on one cluster, as a benchmark sends its rates to one server; with ``--same-prompts`` (row i
 of every log is the same prompt) the server's prefix cache keeps what the earlier logs left.
@@ -33,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cpsim.types import RequestMetadata
+from experiments import vllm_bench
 from experiments.api import compose_config, split_overrides
 from experiments.build import build_run
 
@@ -49,15 +52,32 @@ PERCENTILES = (50, 90)
 BACK_TO_BACK_GAP_S = 5.0
 
 
-def read_log(path: Path, columns: dict[str, str], time_unit: str = "s") -> pd.DataFrame:
+def read_log(
+    path: Path,
+    columns: dict[str, str],
+    time_unit: str = "s",
+    vllm_schedule: str | None = None,
+    vllm_seed: int = 0,
+) -> pd.DataFrame:
     """A log as one row per request in arrival order: arrival_s (from 0), prompt, output,
-    ttft_ms, tpot_ms."""
+    ttft_ms, tpot_ms. A vLLM benchmark result (``vllm bench serve --save-detailed``) is read
+    as such (``experiments.vllm_bench``; ``columns`` and ``time_unit`` do not apply), its
+    failed requests left out and counted in ``log.attrs["failed"]``."""
     if path.suffix == ".csv":
         raw = pd.read_csv(path)
     elif path.suffix == ".jsonl":
         raw = pd.read_json(path, lines=True)
+        if all(key in raw for key in vllm_bench.PER_REQUEST):
+            raise ValueError(
+                f"{path}: {len(raw)} vLLM benchmark results, one a line (--append-result); "
+                "give each its own .json file"
+            )
     elif path.suffix == ".json":
-        raw = pd.DataFrame(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if vllm_bench.is_result(data):
+            log, failed = vllm_bench.read_result(path, data, vllm_schedule, vllm_seed)
+            return in_arrival_order(log, failed)
+        raw = pd.DataFrame(data)
     else:
         raise ValueError(f"{path}: a log must be .csv, .json or .jsonl, not {path.suffix!r}")
     missing = [f"{field}={name}" for field, name in columns.items() if name not in raw]
@@ -76,8 +96,13 @@ def read_log(path: Path, columns: dict[str, str], time_unit: str = "s") -> pd.Da
             "tpot_ms": raw[columns["tpot"]].astype(float),
         }
     )
+    return in_arrival_order(log)
+
+
+def in_arrival_order(log: pd.DataFrame, failed: int = 0) -> pd.DataFrame:
     log = log.sort_values("arrival_s", kind="stable").reset_index(drop=True)
     log["arrival_s"] -= log["arrival_s"].iloc[0]
+    log.attrs["failed"] = failed
     return log
 
 
@@ -224,6 +249,10 @@ def main(argv: Sequence[str]) -> pd.DataFrame:
     fields = ", ".join(FIELDS)
     p.add_argument("--columns", default="", help=f"field=name,... (fields: {fields})")
     p.add_argument("--time-unit", choices=("s", "ms"), default="s")
+    p.add_argument("--vllm-schedule", choices=vllm_bench.SCHEDULES, default=None,
+                   help="a vLLM benchmark result without start_times: regenerate its send "
+                   "times as the client of that vLLM did (experiments/vllm_bench.py)")
+    p.add_argument("--vllm-seed", type=int, default=0, help="the benchmark client's --seed")
     p.add_argument("--slo-ttft-ms", type=float, default=200.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--out", type=Path, default=None, help="write replay.csv and replay.md here")
@@ -234,7 +263,13 @@ def main(argv: Sequence[str]) -> pd.DataFrame:
                    "prompt sent again hits the prefix cache as on the real server")  # fmt: skip
     args = p.parse_args(args_part)
     columns = parse_columns(args.columns)
-    logs = [read_log(path, columns, args.time_unit) for path in args.logs]
+    logs = [
+        read_log(path, columns, args.time_unit, args.vllm_schedule, args.vllm_seed)
+        for path in args.logs
+    ]
+    for path, log in zip(args.logs, logs, strict=True):
+        if log.attrs["failed"]:
+            print(f"{path}: left out {log.attrs['failed']} failed request(s), replaying {len(log)}")
     if args.back_to_back or args.same_prompts:
         sims = simulate_logs(logs, overrides, same_prompts=args.same_prompts)
     else:
