@@ -13,7 +13,8 @@ them from NumPy's global generator seeded with its ``--seed`` (default 0), in on
   interval (shape ``burstiness``, mean 1 / ``request_rate``) before the next. Checked against
   a published server log of vLLM 0.8.3 (``data/published/llm-k8s-llama33-70b-a100``);
 - ``normalized`` (from vllm-project/vllm#21108, July 2025): one gamma interval per request,
-  summed, and scaled so that the last request is sent at n / ``request_rate``.
+  summed, and scaled so that the last request is sent at n / ``request_rate``. Checked
+  against the send times the client of vLLM 0.32 records (tests/vllm/test_gateway_vllm.py).
 
 Either holds only where nothing else drew from that generator before the schedule (in the
 versions read, the ShareGPT and random datasets did not; a run with other datasets may have).
