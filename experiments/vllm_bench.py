@@ -102,6 +102,8 @@ def read_result(
     lengths = {key: len(result[key]) for key in PER_REQUEST}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{path}: per-request lists of different lengths: {lengths}")
+    if not result["ttfts"]:
+        raise ValueError(f"{path}: no requests in it")
     sent = send_times(result, path, schedule, seed)
     n = len(sent)
     errors = result.get("errors") or [""] * n

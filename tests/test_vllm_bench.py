@@ -70,6 +70,9 @@ def test_send_times_that_are_not_in_the_file_are_asked_for_by_name(tmp_path: Pat
         read_log(write(tmp_path, result(max_concurrency=8)), DEFAULT_COLUMNS, "s", "sequential")
     with pytest.raises(ValueError, match="schedule 'poisson'"):
         client_arrivals(3, 1.0, 1.0, 0, "poisson")
+    empty = {key: [] for key in ("input_lens", "output_lens", "ttfts", "itls")}
+    with pytest.raises(ValueError, match="no requests in it"):
+        read_log(write(tmp_path, result(**empty)), DEFAULT_COLUMNS, "s", "normalized")
     with pytest.raises(ValueError, match="lists of different lengths"):
         read_log(write(tmp_path, result(ttfts=[0.1])), DEFAULT_COLUMNS, "s", "sequential")
 
