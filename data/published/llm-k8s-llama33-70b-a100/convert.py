@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run as a script from anywhere
+from experiments.vllm_bench import client_arrivals
+
 RESULTS = "results_serving_meta-llama-Llama-3.3-70B-Instruct"
 MODEL = "meta-llama-Llama-3.3-70B-Instruct"
 # source folder -> (our name prefix, file stem inside the folder)
@@ -58,15 +61,10 @@ def arrivals(rate: float, n: int, seed: int = SEED, burstiness: float = BURSTINE
     nothing draws from it before the schedule (ShareGPT sampling shuffles with Python's
     ``random``). It sends request 0 at once and, after sending request i, sleeps one gamma
     (shape=burstiness, scale=1/(rate*burstiness)) interval before request i+1: a new draw per
-    request, the first request at time 0. A legacy ``RandomState`` seeded the same way gives
-    the same stream. Rate inf: every request at 0.
+    request, the first request at time 0 (``experiments.vllm_bench``'s ``sequential``
+    schedule, which ``experiments.replay`` uses for such files). Rate inf: every request at 0.
     """
-    if math.isinf(rate):
-        return np.zeros(n)
-    rng = np.random.RandomState(seed)
-    theta = 1.0 / (rate * burstiness)
-    gaps = [rng.gamma(shape=burstiness, scale=theta) for _ in range(n - 1)]
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+    return client_arrivals(n, rate, burstiness, seed, "sequential")
 
 
 def results_dir(path: Path) -> Path:
