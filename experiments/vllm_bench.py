@@ -68,11 +68,11 @@ def _rate(value: Any) -> float:
 
 
 def send_times(result: dict[str, Any], path: Path, schedule: str | None, seed: int) -> np.ndarray:
-    """When each request was sent (s from the first): recorded, all at once, or regenerated."""
+    """When each request was sent (s; the log is rebased to its first request): recorded,
+    all at once, or regenerated."""
     n = len(result["ttfts"])
     if result.get("start_times"):
-        sent = np.asarray(result["start_times"], dtype=float)
-        return sent - sent.min()
+        return np.asarray(result["start_times"], dtype=float)
     rate = _rate(result.get("request_rate"))
     if result.get("ramp_up_strategy") or result.get("max_concurrency"):
         what = "a ramp-up" if result.get("ramp_up_strategy") else "a concurrency limit"
@@ -96,8 +96,9 @@ def send_times(result: dict[str, Any], path: Path, schedule: str | None, seed: i
 def read_result(
     path: Path, result: dict[str, Any], schedule: str | None = None, seed: int = 0
 ) -> tuple[pd.DataFrame, int]:
-    """The result's successful requests as a log in send order (arrival_s, prompt, output,
-    ttft_ms, tpot_ms; TPOT as vLLM computes it, (latency - TTFT) / (output - 1)), and how
+    """The result's successful requests as log rows in the file's order (arrival_s, prompt,
+    output, ttft_ms, tpot_ms; TPOT as vLLM computes it, (latency - TTFT) / (output - 1);
+    ``experiments.replay.read_log`` sorts them and rebases arrival_s to the first), and how
     many failed requests were left out."""
     lengths = {key: len(result[key]) for key in PER_REQUEST}
     if len(set(lengths.values())) != 1:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from experiments.replay import DEFAULT_COLUMNS, main, read_log
-from experiments.vllm_bench import client_arrivals
+from experiments.vllm_bench import PER_REQUEST, client_arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "data" / "published" / "llm-k8s-llama33-70b-a100"
@@ -70,7 +70,7 @@ def test_send_times_that_are_not_in_the_file_are_asked_for_by_name(tmp_path: Pat
         read_log(write(tmp_path, result(max_concurrency=8)), DEFAULT_COLUMNS, "s", "sequential")
     with pytest.raises(ValueError, match="schedule 'poisson'"):
         client_arrivals(3, 1.0, 1.0, 0, "poisson")
-    empty = {key: [] for key in ("input_lens", "output_lens", "ttfts", "itls")}
+    empty = {key: [] for key in PER_REQUEST}
     with pytest.raises(ValueError, match="no requests in it"):
         read_log(write(tmp_path, result(**empty)), DEFAULT_COLUMNS, "s", "normalized")
     with pytest.raises(ValueError, match="lists of different lengths"):
